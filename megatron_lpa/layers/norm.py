@@ -1,0 +1,33 @@
+"""RMSNorm / LayerNorm usable with sequence parallelism, for builds without Transformer Engine.
+
+megatron-core's fallback norm (``WrappedTorchNorm``) refuses sequence parallelism. Under SP each
+rank normalises its own ``[s/t, b, h]`` shard, so the weight (and bias) gradients differ per rank;
+marking them ``sequence_parallel`` makes ``finalize_model_grads`` sum them over the TP group.
+"""
+
+import torch
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class SequenceParallelNorm:
+    """Builds ``torch.nn.RMSNorm`` or ``torch.nn.LayerNorm`` from ``config.normalization``.
+
+    Same call as megatron's norm slots: ``(config, hidden_size, eps)``; input and output
+    ``[s(/t), b, h]``.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+        if config.layernorm_zero_centered_gamma:
+            raise ValueError("--apply-layernorm-1p (zero-centred gamma) needs Transformer Engine.")
+        norm_classes = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}
+        if config.normalization not in norm_classes:
+            raise ValueError(f"normalization must be one of {sorted(norm_classes)}, "
+                             f"got {config.normalization!r}")
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        norm = norm_classes[config.normalization](
+            hidden_size, eps=eps, device=device, dtype=config.params_dtype
+        )
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+        return norm

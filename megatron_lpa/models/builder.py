@@ -1,0 +1,33 @@
+"""Builds the GPT model (any variant, any pipeline stage) from one ``LPAConfig``."""
+
+from typing import Optional
+
+from megatron.core.models.gpt import GPTModel
+
+from megatron_lpa.models.layer_spec import get_lpa_block_spec
+from megatron_lpa.models.lpa_config import LPAConfig
+
+
+def build_model(
+    config: LPAConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+) -> GPTModel:
+    """megatron-core ``GPTModel`` with the LPA layer spec.
+
+    ``pre_process``/``post_process`` say whether this pipeline stage holds the embedding / the output
+    head (megatron's model-provider contract). The model's logits are vocab-parallel over TP.
+    """
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_lpa_block_spec(config, vp_stage),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+        position_embedding_type=config.position_embedding_type,
+        rotary_base=config.rotary_base,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,82 @@
+"""The layer spec: the only place that knows which megatron-core slots LPA replaces.
+
+Starts from megatron-core's local GPT layer (``get_gpt_layer_local_spec``) and swaps
+``linear_qkv``/``linear_proj`` (attention rank) and ``linear_fc1``/``linear_fc2`` (FFN rank) for the
+low-rank layers, the norms for the sequence-parallel-capable ones and, by default, core attention for
+SDPA.
+"""
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_lpa.layers.low_rank_linear import (
+    LowRankColumnParallelLinear,
+    LowRankRowParallelLinear,
+)
+from megatron_lpa.layers.norm import SequenceParallelNorm
+from megatron_lpa.layers.sdpa_attention import SDPAttention
+from megatron_lpa.models.lpa_config import LPAConfig
+
+
+def _column(config: LPAConfig, rank: int, projections: str):
+    if rank == 0:
+        return ColumnParallelLinear
+    params = {"lpa_rank": rank, "projections": projections, "lpa_init": config.lpa_init}
+    return ModuleSpec(module=LowRankColumnParallelLinear, params=params)
+
+
+def _row(config: LPAConfig, rank: int):
+    if rank == 0:
+        return RowParallelLinear
+    return ModuleSpec(module=LowRankRowParallelLinear,
+                      params={"lpa_rank": rank, "lpa_init": config.lpa_init})
+
+
+def get_lpa_layer_spec(config: LPAConfig) -> ModuleSpec:
+    """One transformer layer for any of the four variants of ``config``."""
+    fc1_projections = "gate_up" if config.gated_linear_unit else "single"
+    core_attention = SDPAttention if config.core_attention == "sdpa" else DotProductAttention
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=SequenceParallelNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=_column(config, config.lpa_attn_rank, "qkv"),
+                    core_attention=core_attention,
+                    linear_proj=_row(config, config.lpa_attn_rank),
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=SequenceParallelNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=_column(config, config.lpa_ffn_rank, fc1_projections),
+                    linear_fc2=_row(config, config.lpa_ffn_rank),
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def get_lpa_block_spec(config: LPAConfig, vp_stage=None) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers plus the final norm (SP-capable, unlike megatron's fallback)."""
+    layer = get_lpa_layer_spec(config)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=SequenceParallelNorm,
+    )
