@@ -1,0 +1,161 @@
+"""The LPA layers compute exactly B(A x) per projection: checked against two nn.Linear each."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal
+
+from megatron_lpa.layers.low_rank_linear import (
+    LowRankColumnParallelLinear,
+    LowRankRowParallelLinear,
+)
+
+D, R, SEQ, BATCH = 48, 8, 5, 3
+
+
+def config(**overrides):
+    base = dict(num_layers=2, hidden_size=D, num_attention_heads=6, num_query_groups=2,
+                use_cpu_initialization=True, params_dtype=torch.float32)
+    return TransformerConfig(**{**base, **overrides})
+
+
+def pair(a_weight, b_weight, bias=None):
+    """The paper's projection: two plain linears with nothing in between."""
+    down = torch.nn.Linear(a_weight.shape[1], a_weight.shape[0], bias=False)
+    up = torch.nn.Linear(b_weight.shape[1], b_weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        down.weight.copy_(a_weight)
+        up.weight.copy_(b_weight)
+        if bias is not None:
+            up.bias.copy_(bias)
+    return torch.nn.Sequential(down, up)
+
+
+def assert_same_forward_backward(layer, reference_fn, reference_params, x):
+    x_layer = x.clone().requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    out, _ = layer(x_layer)
+    expected = reference_fn(x_ref)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x_layer.grad, x_ref.grad)
+    for mine, theirs in reference_params:
+        torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+def test_qkv_column_is_three_independent_pairs_in_megatron_layout(model_parallel):
+    cfg = config(add_bias_linear=True)
+    heads, groups, hn = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
+    q_out, kv_out = heads * hn, groups * hn
+    layer = LowRankColumnParallelLinear(
+        D, q_out + 2 * kv_out, config=cfg, init_method=cfg.init_method, lpa_rank=R,
+        projections="qkv", bias=True)
+    with torch.no_grad():
+        layer.bias.normal_()
+    a = layer.down_weight.detach()
+    q = pair(a[:R], layer.up_weight_q.detach())
+    k = pair(a[R:2 * R], layer.up_weight_k.detach())
+    v = pair(a[2 * R:], layer.up_weight_v.detach())
+
+    def reference(x):
+        # megatron's fused layout: per query group g, [q heads of g, k_g, v_g].
+        parts = [q(x).view(SEQ, BATCH, groups, -1), k(x).view(SEQ, BATCH, groups, -1),
+                 v(x).view(SEQ, BATCH, groups, -1)]
+        return torch.cat(parts, dim=-1).view(SEQ, BATCH, -1) + layer.bias
+
+    x = torch.randn(SEQ, BATCH, D)
+    assert_same_forward_backward(layer, reference, [], x)
+    # Weight gradients: A's rows per projection and each B.
+    layer.zero_grad()
+    x_ref = x.clone()
+    out, _ = layer(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    for module in (q, k, v):
+        module.zero_grad()
+    reference(x_ref).backward(grad)
+    torch.testing.assert_close(layer.down_weight.grad,
+                               torch.cat([m[0].weight.grad for m in (q, k, v)]))
+    for up, module in zip(layer.up_weights(), (q, k, v)):
+        torch.testing.assert_close(up.grad, module[1].weight.grad)
+
+
+def test_gate_up_column_returns_megatron_glu_layout_and_bias(model_parallel):
+    cfg = config(gated_linear_unit=True, add_bias_linear=True)
+    ffn = 40
+    layer = LowRankColumnParallelLinear(
+        D, 2 * ffn, config=cfg, init_method=cfg.init_method, lpa_rank=R, projections="gate_up",
+        bias=True, skip_bias_add=True)
+    a = layer.down_weight.detach()
+    gate = pair(a[:R], layer.up_weight_gate.detach())
+    up = pair(a[R:], layer.up_weight_up.detach())
+    x = torch.randn(SEQ, BATCH, D)
+    out, bias = layer(x)
+    assert bias is layer.bias
+    torch.testing.assert_close(out, torch.cat([gate(x), up(x)], dim=-1))
+    assert_same_forward_backward(layer, lambda t: torch.cat([gate(t), up(t)], dim=-1), [], x)
+
+
+def test_row_is_one_pair_with_bias(model_parallel):
+    cfg = config(add_bias_linear=True)
+    layer = LowRankRowParallelLinear(
+        D, 32, config=cfg, init_method=cfg.init_method, lpa_rank=R, bias=True,
+        input_is_parallel=True, skip_bias_add=False)
+    with torch.no_grad():
+        layer.bias.normal_()
+    reference = pair(layer.down_weight.detach(), layer.up_weight.detach(), layer.bias.detach())
+    x = torch.randn(SEQ, BATCH, D)
+    assert_same_forward_backward(
+        layer, reference, [(layer.down_weight, reference[0].weight),
+                           (layer.up_weight, reference[1].weight), (layer.bias, reference[1].bias)],
+        x)
+
+
+def test_linear_init_matches_nn_linear_bounds(model_parallel):
+    cfg = config()
+    layer = LowRankRowParallelLinear(
+        D, 64, config=cfg, init_method=cfg.init_method, lpa_rank=R, bias=False,
+        input_is_parallel=True, skip_bias_add=True)
+    assert layer.down_weight.abs().max() <= 1 / math.sqrt(D)
+    assert layer.down_weight.abs().max() > 0.9 / math.sqrt(D)
+    assert layer.up_weight.abs().max() <= 1 / math.sqrt(R)
+    assert layer.up_weight.abs().max() > 0.9 / math.sqrt(R)
+
+
+def test_variance_init_gives_product_the_dense_variance(model_parallel):
+    sigma = 0.02
+    cfg = config(hidden_size=512, num_attention_heads=8, num_query_groups=8)
+    torch.manual_seed(0)
+    layer = LowRankRowParallelLinear(
+        512, 512, config=cfg, init_method=init_method_normal(sigma), lpa_rank=64, bias=False,
+        input_is_parallel=True, skip_bias_add=True, lpa_init="variance")
+    product = layer.up_weight @ layer.down_weight
+    assert product.std().item() == pytest.approx(sigma, rel=0.05)
+
+
+@pytest.mark.parametrize("rank,message", [(0, ">= 1"), (-3, ">= 1"), (49, "exceeds its width")])
+def test_bad_rank_is_a_clear_error(model_parallel, rank, message):
+    cfg = config()
+    with pytest.raises(ValueError, match=message):
+        LowRankRowParallelLinear(D, D, config=cfg, init_method=cfg.init_method, lpa_rank=rank,
+                                 bias=False, input_is_parallel=True, skip_bias_add=True)
+
+
+def test_rank_that_saves_nothing_warns(model_parallel):
+    cfg = config()
+    with pytest.warns(UserWarning, match="at least as many parameters"):
+        LowRankRowParallelLinear(D, D, config=cfg, init_method=cfg.init_method, lpa_rank=D // 2,
+                                 bias=False, input_is_parallel=True, skip_bias_add=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LowRankRowParallelLinear(D, D, config=cfg, init_method=cfg.init_method,
+                                 lpa_rank=D // 2 - 1, bias=False, input_is_parallel=True,
+                                 skip_bias_add=True)
+    assert not [w for w in caught if "at least as many" in str(w.message)]
