@@ -97,7 +97,8 @@ def check_lpa_rank(rank: int, in_features: int, out_features: int, where: str) -
 
 
 def _init_factor(
-    shape: Sequence[int], lpa_init: str, fan_in: int, rank: int, init_method: Callable, device
+    shape: Sequence[int], lpa_init: str, fan_in: int, rank: int, init_method: Callable, device,
+    perform_initialization: bool = True,
 ) -> torch.Tensor:
     """Initialises one full (unsharded) factor in fp32 from the default generator.
 
@@ -105,6 +106,8 @@ def _init_factor(
     weights do not depend on the TP size and replicated factors are identical across ranks.
     """
     master = torch.empty(*shape, dtype=torch.float32, device=device)
+    if not perform_initialization:
+        return master
     if lpa_init == "linear":
         bound = 1.0 / math.sqrt(fan_in)
         torch.nn.init.uniform_(master, -bound, bound)
@@ -131,22 +134,24 @@ def _reject_unsupported(is_expert, skip_weight_param_allocation, disable_grad_re
 class _LowRankBase(torch.nn.Module):
     """What both slots share: parameter creation, megatron's extra-state contract, no delayed wgrad."""
 
-    def __init__(self, config: ModelParallelConfig, tp_group, lpa_init: str):
+    def __init__(self, config: ModelParallelConfig, tp_group, lpa_init: str, lpa_rank: int):
         super().__init__()
         self.config = config
         self.tp_group = get_tensor_model_parallel_group_if_none(tp_group)
         self.tp_size = get_pg_size(self.tp_group)
         self.tp_rank = get_pg_rank(self.tp_group)
         self.sequence_parallel = config.sequence_parallel and self.tp_size > 1
-        self.lpa_init = lpa_init
+        self.lpa_init, self.lpa_rank = lpa_init, lpa_rank
         self._device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         # megatron's linears always carry an (empty) _extra_state entry; keep checkpoints compatible.
         self._register_load_state_dict_pre_hook(
             lambda state_dict, prefix, *args, **kwargs: state_dict.setdefault(f"{prefix}_extra_state")
         )
 
-    def _parameter(self, master: torch.Tensor, split_dim: Optional[int]) -> Parameter:
-        """Keeps this rank's slice of ``master`` (split along ``split_dim``, or all of it)."""
+    def _factor(self, shape, fan_in: int, init_method: Callable, split_dim: Optional[int]):
+        """A factor parameter: this rank's slice (along ``split_dim``, or all) of the full factor."""
+        master = _init_factor(shape, self.lpa_init, fan_in, self.lpa_rank, init_method,
+                              self._device, self.config.perform_initialization)
         if split_dim is not None:
             master = master.chunk(self.tp_size, dim=split_dim)[self.tp_rank]
         param = Parameter(master.to(self.config.params_dtype).contiguous())
@@ -218,10 +223,10 @@ class LowRankColumnParallelLinear(_LowRankBase):
         disable_grad_reduce: bool = False,
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
     ):
-        super().__init__(config, tp_group, lpa_init)
+        super().__init__(config, tp_group, lpa_init, lpa_rank)
         _reject_unsupported(is_expert, skip_weight_param_allocation, disable_grad_reduce,
                             type(self).__name__)
-        self.input_size, self.output_size, self.lpa_rank = input_size, output_size, lpa_rank
+        self.input_size, self.output_size = input_size, output_size
         self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
         self.part_names, part_sizes, num_blocks = self._parts(projections, output_size, config)
         # The per-rank output interleaves the projections in `blocks_per_partition` blocks
@@ -233,17 +238,13 @@ class LowRankColumnParallelLinear(_LowRankBase):
             check_lpa_rank(lpa_rank, input_size, size, f"{tp_comm_buffer_name or 'column'} {name}")
 
         num_parts = len(part_sizes)
-        self.down_weight = self._parameter(
-            _init_factor((num_parts * lpa_rank, input_size), lpa_init, input_size, lpa_rank,
-                         init_method, self._device),
-            split_dim=None,
-        )
+        self.down_weight = self._factor((num_parts * lpa_rank, input_size), input_size,
+                                        init_method, split_dim=None)
         # With SP each rank sees its own sequence shard, so A's gradient must be summed over TP.
         setattr(self.down_weight, "sequence_parallel", self.sequence_parallel)
         for name, size in zip(self.part_names, part_sizes):
-            master = _init_factor((size, lpa_rank), lpa_init, lpa_rank, lpa_rank, init_method,
-                                  self._device)
-            self.register_parameter(self._up_name(name), self._parameter(master, split_dim=0))
+            self.register_parameter(
+                self._up_name(name), self._factor((size, lpa_rank), lpa_rank, init_method, 0))
         if bias:
             self.bias = self._bias(self.output_size_per_partition, tp_split=True)
         else:
@@ -344,26 +345,18 @@ class LowRankRowParallelLinear(_LowRankBase):
         tp_comm_buffer_name: Optional[str] = None,
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
     ):
-        super().__init__(config, tp_group, lpa_init)
+        super().__init__(config, tp_group, lpa_init, lpa_rank)
         _reject_unsupported(is_expert, False, False, type(self).__name__)
         if not input_is_parallel:
             raise NotImplementedError("LowRankRowParallelLinear needs input_is_parallel=True "
                                       "(megatron's attention and MLP always pass it).")
-        self.input_size, self.output_size, self.lpa_rank = input_size, output_size, lpa_rank
+        self.input_size, self.output_size = input_size, output_size
         self.skip_bias_add = skip_bias_add
         self.input_size_per_partition = divide(input_size, self.tp_size)
         check_lpa_rank(lpa_rank, input_size, output_size, tp_comm_buffer_name or "row")
 
-        self.down_weight = self._parameter(
-            _init_factor((lpa_rank, input_size), lpa_init, input_size, lpa_rank, init_method,
-                         self._device),
-            split_dim=1,
-        )
-        self.up_weight = self._parameter(
-            _init_factor((output_size, lpa_rank), lpa_init, lpa_rank, lpa_rank, init_method,
-                         self._device),
-            split_dim=None,
-        )
+        self.down_weight = self._factor((lpa_rank, input_size), input_size, init_method, 1)
+        self.up_weight = self._factor((output_size, lpa_rank), lpa_rank, init_method, None)
         # With SP, B runs on each rank's sequence shard: its gradient must be summed over TP.
         setattr(self.up_weight, "sequence_parallel", self.sequence_parallel)
         if bias:
