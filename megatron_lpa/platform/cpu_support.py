@@ -14,7 +14,8 @@ SP gathers in backward, ...)                     Python TorchFunctionModes are n
 ``tensor_parallel/random.py``: RNG tracker       the "CUDA" RNG is the CPU generator: ``add`` seeds
 (``CudaRNGStatesTracker.add/fork``,              and snapshots it, ``fork`` swaps it, so per-TP-rank
 ``_get/_set_cuda_rng_state``,                    dropout streams keep working
-``model_parallel_cuda_manual_seed``)
+``model_parallel_cuda_manual_seed``)            ``fork``'s warning "CPU RNG state changed within
+                                                 GPU RNG context" is expected here and filtered
 ``device="cuda"`` literals and ``.cuda()``:      these functions run under ``_CudaToCpuMode``, which
 ``schedules.forward_backward_*``                 rewrites the device to CPU and makes ``Tensor.type()``
 (``total_num_tokens``),                          answer ``torch.cuda.*Tensor`` for the dtype checks
@@ -30,6 +31,7 @@ layer`` (tied embeddings under PP)
 """
 
 import functools
+import logging
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -103,6 +105,9 @@ def _patch_rng():
     torch.cuda.manual_seed = torch.manual_seed
     tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+    # fork() checks that the CPU generator is untouched inside a "GPU" stream; here they are one.
+    logging.getLogger(tp_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
 
 
 def enable_cpu_support() -> None:

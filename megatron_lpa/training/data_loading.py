@@ -1,0 +1,94 @@
+"""Datasets and per-rank micro-batch iterators for training, validation and test.
+
+Samples are laid out Megatron-LM's way: a step consumes ``global_batch_size`` consecutive samples;
+each micro-step takes ``micro_batch_size * DP`` of them and data-parallel rank ``i`` gets the ``i``-th
+``micro_batch_size`` slice. The position in the data is therefore just the number of consumed
+samples, which the checkpoint stores, so a resumed run reads exactly what the original would have.
+Every TP rank and pipeline stage reads its own identical copy (memory-mapped), which needs no
+broadcast.
+"""
+
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from megatron_lpa.data.gpt_datasets import DataConfig, build_train_valid_test_datasets
+from megatron_lpa.training.arguments import TrainingConfig
+
+
+class MockGPTDataset(Dataset):
+    """Random tokens, a fixed function of (seed, index): for benchmarks and smoke tests."""
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int):
+        self.num_samples, self.seq_length = num_samples, seq_length
+        self.vocab_size, self.seed = vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        tokens = torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=generator)
+        return {"tokens": tokens[:-1], "labels": tokens[1:],
+                "loss_mask": torch.ones(self.seq_length),
+                "position_ids": torch.arange(self.seq_length)}
+
+
+class MicroBatchSampler:
+    """Index lists of this data-parallel rank's micro-batches, from ``consumed_samples`` on."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        self.total, self.consumed = total_samples, consumed_samples
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[list]:
+        step = self.micro_batch_size * self.dp_size
+        start = self.consumed
+        while start + step <= self.total:
+            first = start + self.dp_rank * self.micro_batch_size
+            yield list(range(first, first + self.micro_batch_size))
+            start += step
+
+    def __len__(self) -> int:
+        return max(0, (self.total - self.consumed) // (self.micro_batch_size * self.dp_size))
+
+
+def split_sample_counts(cfg: TrainingConfig) -> list:
+    """Samples each split must provide over the whole run: [train, valid, test]."""
+    evaluations = cfg.train_iters // cfg.eval_interval + 1 if cfg.eval_iters else 0
+    return [cfg.train_iters * cfg.global_batch_size,
+            evaluations * cfg.eval_iters * cfg.global_batch_size,
+            cfg.eval_iters * cfg.global_batch_size]
+
+
+def build_datasets(cfg: TrainingConfig, tokenizer, vocab_size: int) -> list:
+    """[train, valid, test] datasets (an entry is None when that split has no data)."""
+    counts = split_sample_counts(cfg)
+    if cfg.mock_data:
+        return [MockGPTDataset(n, cfg.seq_length, vocab_size, cfg.seed + split) if n else None
+                for split, n in enumerate(counts)]
+    data_config = DataConfig(
+        data_path=cfg.data_path, split=cfg.split, train_data_path=cfg.train_data_path,
+        valid_data_path=cfg.valid_data_path, test_data_path=cfg.test_data_path,
+        data_cache_path=cfg.data_cache_path, seq_length=cfg.seq_length, seed=cfg.seed,
+        reset_position_ids=cfg.reset_position_ids, reset_attention_mask=cfg.reset_attention_mask,
+        eod_mask_loss=cfg.eod_mask_loss,
+        # Without document masking attention is plainly causal: no mask lets SDPA use flash kernels.
+        create_attention_mask=cfg.reset_attention_mask,
+    )
+    return list(build_train_valid_test_datasets(data_config, tokenizer, counts))
+
+
+def micro_batches(dataset: Optional[Dataset], consumed_samples: int, cfg: TrainingConfig,
+                  dp_rank: int) -> Optional[Iterator[dict]]:
+    """An endless-enough iterator of this rank's micro-batches (dicts of ``[b, s]`` tensors)."""
+    if dataset is None:
+        return None
+    sampler = MicroBatchSampler(len(dataset), consumed_samples, cfg.micro_batch_size, dp_rank,
+                                cfg.data_parallel_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=torch.cuda.is_available(),
+                        persistent_workers=cfg.num_workers > 0)
+    return iter(loader)

@@ -1,0 +1,304 @@
+"""The training loop on megatron-core: build in a fixed order, then step, evaluate, save.
+
+Build order: process groups and seeds -> tokenizer -> model chunk (this pipeline stage) wrapped in
+megatron's DDP -> optimizer -> LR schedule -> checkpoint -> data iterators. A step runs megatron's
+forward-backward schedule (1F1B when pipelined; gradient accumulation over micro-batches), which
+also finalises gradients (DP reduce, TP reduce of sequence-parallel grads, tied embeddings).
+"""
+
+import math
+import signal
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_lpa.models.builder import build_model
+from megatron_lpa.models.flops import training_flops_per_token
+from megatron_lpa.models.lpa_config import LPAConfig
+from megatron_lpa.platform.distributed import (
+    destroy_distributed,
+    device_type,
+    initialize_distributed,
+    set_seed,
+)
+from megatron_lpa.tokenizers import build_tokenizer
+from megatron_lpa.training.arguments import TrainingConfig
+from megatron_lpa.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lpa.training.data_loading import build_datasets, micro_batches
+from megatron_lpa.training.metrics import MetricsLogger
+
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+
+
+def padded_vocab_size(vocab_size: int, cfg: TrainingConfig) -> int:
+    """Megatron-LM's padding: a multiple of ``make_vocab_size_divisible_by * TP``."""
+    multiple = cfg.make_vocab_size_divisible_by * cfg.tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def model_config(cfg: TrainingConfig, vocab_size: int) -> LPAConfig:
+    """The model's ``LPAConfig`` from the run's flags."""
+    params_dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+    return LPAConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels, ffn_hidden_size=cfg.ffn_hidden_size or 4 * cfg.hidden_size,
+        normalization=cfg.normalization, layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=cfg.swiglu,
+        activation_func=F.silu if cfg.swiglu else _ACTIVATIONS[cfg.activation],
+        add_bias_linear=not cfg.disable_bias_linear, hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout, init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        sequence_parallel=cfg.sequence_parallel, bf16=cfg.bf16, fp16=cfg.fp16,
+        params_dtype=params_dtype, pipeline_dtype=params_dtype,
+        recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
+        use_cpu_initialization=device_type() == "cpu",
+        lpa_attn_rank=cfg.lpa_attn_rank, lpa_ffn_rank=cfg.lpa_ffn_rank, lpa_init=cfg.lpa_init,
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.max_position_embeddings or cfg.seq_length,
+        position_embedding_type=cfg.position_embedding_type, rotary_base=cfg.rotary_base,
+        share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
+        core_attention=cfg.core_attention,
+    )
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Token-mean loss of a micro-batch; reports (sum, tokens) so means over steps are exact."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (output.float().reshape(-1) * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), mask.sum()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    """megatron's forward-step contract: (per-token losses, loss function)."""
+    batch = next(data_iterator)
+    device = device_type()
+    tokens, labels, loss_mask, positions = (
+        batch[key].to(device, non_blocking=True)
+        for key in ("tokens", "labels", "loss_mask", "position_ids"))
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device, non_blocking=True)
+    output = model(tokens, positions, attention_mask, labels=labels)  # [b, s] losses
+    return output, partial(_loss_func, loss_mask)
+
+
+class Trainer:
+    """Pretraining of one ``TrainingConfig``: ``Trainer(cfg).train()``."""
+
+    def __init__(self, cfg: TrainingConfig):
+        self.cfg = cfg
+        initialize_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+        set_seed(cfg.seed)
+        self.tokenizer = None
+        vocab = cfg.vocab_size
+        if cfg.tokenizer_type:
+            self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model,
+                                             cfg.vocab_file, cfg.merge_file, cfg.vocab_size)
+            vocab = self.tokenizer.vocab_size
+        self.config = model_config(cfg, padded_vocab_size(vocab, cfg))
+        self.model = [self._build_model()]
+        self.optimizer = get_megatron_optimizer(self._optimizer_config(), self.model)
+        self.scheduler = self._build_scheduler()
+        self.state = {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0}
+        if cfg.load:
+            loaded = load_checkpoint(cfg.load, self.model, self.optimizer, self.scheduler,
+                                     load_optim=not cfg.no_load_optim)
+            if loaded is not None:
+                self.state.update(loaded)
+        self.train_data, self.valid_data, self.test_data = build_datasets(
+            cfg, self.tokenizer, self.config.vocab_size)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        self.train_iterator = micro_batches(self.train_data, self.state["consumed_train_samples"],
+                                            cfg, dp_rank)
+        self.valid_iterator = micro_batches(self.valid_data, self.state["consumed_valid_samples"],
+                                            cfg, dp_rank)
+        self.logger = MetricsLogger(
+            cfg, training_flops_per_token(self.config, cfg.seq_length), dist.get_world_size(),
+            enabled=dist.get_rank() == dist.get_world_size() - 1)
+        self._signal_received, self._saved_at = False, None
+        if cfg.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # ----- build -----------------------------------------------------------------------------
+    def _build_model(self) -> DistributedDataParallel:
+        model = build_model(self.config, pre_process=parallel_state.is_pipeline_first_stage(),
+                            post_process=parallel_state.is_pipeline_last_stage())
+        if device_type() == "cuda":
+            model.cuda(torch.cuda.current_device())
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=self.cfg.overlap_grad_reduce,
+            overlap_param_gather=self.cfg.overlap_param_gather,
+            use_distributed_optimizer=self.cfg.use_distributed_optimizer)
+        ddp = DistributedDataParallel(self.config, ddp_config, model)
+        self.config.finalize_model_grads_func = finalize_model_grads
+        if self.cfg.overlap_grad_reduce:
+            self.config.no_sync_func = ddp.no_sync
+        return ddp
+
+    def _optimizer_config(self) -> OptimizerConfig:
+        cfg = self.cfg
+        return OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+            clip_grad=cfg.clip_grad, bf16=cfg.bf16, fp16=cfg.fp16,
+            params_dtype=self.config.params_dtype,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+            overlap_param_gather=cfg.overlap_param_gather)
+
+    def _build_scheduler(self) -> OptimizerParamScheduler:
+        cfg = self.cfg
+        decay_steps = cfg.lr_decay_iters or cfg.train_iters
+        warmup = (int(cfg.lr_warmup_fraction * decay_steps) if cfg.lr_warmup_fraction is not None
+                  else cfg.lr_warmup_iters)
+        return OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=warmup, lr_decay_steps=decay_steps,
+            lr_decay_style="WSD" if cfg.lr_decay_style == "wsd" else cfg.lr_decay_style,
+            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=cfg.train_iters,
+            wd_incr_style="constant", wsd_decay_steps=cfg.lr_wsd_decay_iters,
+            lr_wsd_decay_style=cfg.lr_wsd_decay_style)
+
+    # ----- steps -----------------------------------------------------------------------------
+    def _run_schedule(self, iterator, forward_only: bool) -> list:
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterator, model=self.model,
+            num_microbatches=self.cfg.num_microbatches, seq_length=self.cfg.seq_length,
+            micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+
+    @staticmethod
+    def _mean_loss(reports: list) -> torch.Tensor:
+        """(sum, tokens) over micro-batches and DP ranks -> [sum, tokens] on the last stage."""
+        if not reports:
+            return torch.zeros(2, device=device_type())
+        total = torch.stack([r["lm loss"] for r in reports]).sum(0)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return total
+
+    def _grads_finite(self, total: torch.Tensor) -> bool:
+        """Loss and every gradient finite, agreed by all ranks (non-finite steps are skipped)."""
+        finite = torch.isfinite(total).all()
+        for buffer in self.model[0].buffers:
+            finite &= torch.isfinite(buffer.grad_data).all()
+        flag = finite.to(torch.int)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def train_step(self) -> tuple:
+        """One optimizer step: returns (loss sum and tokens, grad norm or None if skipped)."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        total = self._mean_loss(self._run_schedule(self.train_iterator, forward_only=False))
+        grad_norm = None
+        if self._grads_finite(total):
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+        self.state["iteration"] += 1
+        self.state["consumed_train_samples"] += self.cfg.global_batch_size
+        return total, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, iterator, split: str) -> float:
+        """Mean token loss over ``eval_iters`` steps of ``iterator`` (logged with perplexity)."""
+        for chunk in self.model:
+            chunk.eval()
+        total = torch.zeros(2, device=device_type())
+        for _ in range(self.cfg.eval_iters):
+            total += self._mean_loss(self._run_schedule(iterator, forward_only=True))
+            if split == "validation":
+                self.state["consumed_valid_samples"] += self.cfg.global_batch_size
+        for chunk in self.model:
+            chunk.train()
+        loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        if parallel_state.is_pipeline_last_stage():
+            self.logger.log_eval(self.state["iteration"], split, loss)
+        return loss
+
+    # ----- loop ------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg, start = self.cfg, time.time()
+        window_loss, window_steps, nonfinite, skipped = torch.zeros(2), 0, 0, 0
+        window_start = time.time()
+        while self.state["iteration"] < cfg.train_iters:
+            total, grad_norm = self.train_step()
+            iteration = self.state["iteration"]
+            if grad_norm is None:
+                nonfinite, skipped = nonfinite + 1, skipped + 1
+                if self.logger.enabled:
+                    print(f"WARNING: iteration {iteration}: non-finite loss or gradient, step "
+                          f"skipped ({nonfinite} in a row).", flush=True)
+                if nonfinite >= cfg.max_nonfinite_steps:
+                    raise SystemExit(
+                        f"Stopping: {nonfinite} steps in a row had a non-finite loss or gradient. "
+                        "Lower --lr, raise --lr-warmup-iters, use --bf16 instead of --fp16, or "
+                        "resume from an earlier checkpoint.")
+            else:
+                nonfinite = 0
+                window_loss += total.cpu()
+            window_steps += 1
+            if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
+                if device_type() == "cuda":
+                    torch.cuda.synchronize()
+                step_seconds = (time.time() - window_start) / window_steps
+                loss = float(window_loss[0] / window_loss[1]) if window_loss[1] > 0 else float("nan")
+                if parallel_state.is_pipeline_last_stage():
+                    self.logger.log_train(iteration, loss, self.scheduler.get_lr(
+                        self.optimizer.param_groups[0]), grad_norm, step_seconds, skipped)
+                window_loss, window_steps, skipped = torch.zeros(2), 0, 0
+                window_start = time.time()
+            if self.valid_iterator and cfg.eval_iters and iteration % cfg.eval_interval == 0:
+                self.evaluate(self.valid_iterator, "validation")
+            if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
+                self.save()
+            if self._should_exit(start):
+                if cfg.save:
+                    self.save()
+                return
+        if self.valid_iterator and cfg.eval_iters and self.state["iteration"] % cfg.eval_interval:
+            self.evaluate(self.valid_iterator, "validation")
+        if self.test_data is not None and cfg.eval_iters:
+            self.evaluate(micro_batches(self.test_data, 0, cfg,
+                                        parallel_state.get_data_parallel_rank()), "test")
+        if cfg.save and self._saved_at != self.state["iteration"]:
+            self.save()
+
+    def _should_exit(self, start: float) -> bool:
+        """SIGTERM, wall-time or step-interval exits, agreed by all ranks."""
+        cfg, iteration = self.cfg, self.state["iteration"]
+        stop = self._signal_received
+        if cfg.exit_duration_in_mins is not None:
+            stop |= (time.time() - start) / 60 > cfg.exit_duration_in_mins
+        if cfg.exit_interval:
+            stop |= iteration % cfg.exit_interval == 0
+        flag = torch.tensor(int(stop), device=device_type())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.logger.enabled:
+            print(f"Exiting at iteration {iteration} (signal, time or exit interval).", flush=True)
+        return bool(flag.item())
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._signal_received = True
+
+    def save(self) -> None:
+        self._saved_at = self.state["iteration"]
+        save_checkpoint(self.cfg.save, self.state["iteration"], self.model, self.optimizer,
+                        self.scheduler, dict(self.state), self.cfg.to_dict())
+
+    def close(self) -> None:
+        self.logger.close()
+        destroy_distributed()

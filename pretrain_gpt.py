@@ -1,0 +1,22 @@
+"""Pretrain a dense or LPA GPT on megatron-core.
+
+    torchrun --nproc-per-node 8 pretrain_gpt.py --config examples/configs/lpa_130m.yaml \
+        --tensor-model-parallel-size 2 --lpa-attn-rank 128 ...
+
+Every flag is listed by ``python pretrain_gpt.py --help``; a YAML ``--config`` sets the same options.
+"""
+
+from megatron_lpa.training.arguments import parse_args
+from megatron_lpa.training.trainer import Trainer
+
+
+def main(argv=None) -> None:
+    trainer = Trainer(parse_args(argv))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main()
