@@ -59,10 +59,10 @@ def initialize_distributed(
     )
 
 
-def destroy_distributed() -> None:
-    """Tears down megatron's groups and the process group (tests build several worlds in turn)."""
+def destroy_distributed(keep_process_group: bool = False) -> None:
+    """Tears down megatron's groups and, unless kept for another model, the process group."""
     parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
 
 

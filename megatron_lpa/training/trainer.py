@@ -299,6 +299,7 @@ class Trainer:
         save_checkpoint(self.cfg.save, self.state["iteration"], self.model, self.optimizer,
                         self.scheduler, dict(self.state), self.cfg.to_dict())
 
-    def close(self) -> None:
+    def close(self, keep_process_group: bool = False) -> None:
+        """Closes the loggers and megatron's groups (the process group too, unless kept)."""
         self.logger.close()
-        destroy_distributed()
+        destroy_distributed(keep_process_group)

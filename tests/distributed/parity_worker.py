@@ -75,7 +75,7 @@ def forward_step(data_iterator, model):
 
     def loss_func(output):
         loss = output.float().mean()
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach().clone()}
 
     return losses, loss_func
 

@@ -1,0 +1,156 @@
+"""Training-step benchmark: dense vs LPA (and the low-rank ablations) at a named shape, one run.
+
+    python tools/bench_train.py --shape 130m                      # one GPU, all variants
+    torchrun --nproc-per-node 4 tools/bench_train.py --shape 3b --variants dense,lpa \
+        -- --tensor-model-parallel-size 4 --sequence-parallel
+
+With ``--profile``, it also prints each variant's kernels with the most device time (and their share
+of the step), so fusion candidates come from data rather than guesses.
+
+Each variant runs the real training step (``Trainer.train_step``: megatron schedule, DDP, Adam) on
+the same random tokens with the same settings; flags after ``--`` are passed to every variant. Prints
+a table (step time, tokens/s, model TFLOP/s, MFU, peak memory, step time relative to dense) and
+writes it as JSON.
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+from megatron_lpa.models.flops import training_flops_per_token
+from megatron_lpa.training.arguments import parse_args
+from megatron_lpa.training.metrics import DEFAULT_CUDA_PEAK_TFLOPS, memory_gib
+from megatron_lpa.training.trainer import Trainer
+
+_LLAMA = ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+          "--disable-bias-linear", "--untie-embeddings-and-output-weights"]
+
+# name -> (architecture flags, batch flags, attention rank, FFN rank for the ablations)
+SHAPES = {
+    "130m": (_LLAMA + ["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads", "12",
+                       "--ffn-hidden-size", "2048", "--seq-length", "256"],
+             ["--micro-batch-size", "64", "--global-batch-size", "64"], 128, 384),
+    "3b": (_LLAMA + ["--num-layers", "28", "--hidden-size", "3072", "--num-attention-heads", "24",
+                     "--ffn-hidden-size", "8192", "--seq-length", "2048"],
+           ["--micro-batch-size", "2", "--global-batch-size", "4"], 768, 2048),
+    # A CPU smoke shape: checks the script, says nothing about GPU speed.
+    "tiny": (_LLAMA + ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                       "--ffn-hidden-size", "128", "--seq-length", "64"],
+             ["--micro-batch-size", "4", "--global-batch-size", "4"], 16, 32),
+}
+VARIANTS = ("dense", "lpa", "lowrank_ffn", "lowrank_all")
+
+
+def variant_flags(shape: str, variant: str) -> list:
+    arch, batch, attn_rank, ffn_rank = SHAPES[shape]
+    ranks = {"dense": (0, 0), "lpa": (attn_rank, 0), "lowrank_ffn": (0, ffn_rank),
+             "lowrank_all": (attn_rank, ffn_rank)}[variant]
+    return arch + batch + [
+        "--lpa-attn-rank", str(ranks[0]), "--lpa-ffn-rank", str(ranks[1]),
+        "--mock-data", "--vocab-size", "32000", "--lr", "1e-4", "--train-iters", "1000000",
+        "--eval-iters", "0", "--hidden-dropout", "0", "--attention-dropout", "0",
+        "--log-interval", "1000000000",
+    ] + (["--bf16"] if torch.cuda.is_available() else ["--num-workers", "0"])
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def print_profile(trainer: Trainer, steps: int, top: int = 25) -> None:
+    """Top kernels by total device time over ``steps`` steps."""
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        _sync()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"device time per step: {total / steps / 1000:.2f} ms")
+    for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]:
+        print(f"{100 * e.self_device_time_total / total:5.1f}% "
+              f"{e.self_device_time_total / steps / 1000:7.3f} ms x{e.count // steps:<4d} {e.key[:100]}")
+
+
+def measure(flags: list, warmup: int, steps: int, profile_steps: int) -> dict:
+    trainer = Trainer(parse_args(flags))
+    cfg = trainer.cfg
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        trainer.train_step()
+    if profile_steps:
+        print_profile(trainer, profile_steps)
+    times = []
+    for _ in range(steps):
+        _sync()
+        start = time.perf_counter()
+        trainer.train_step()
+        _sync()
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times)
+    world = dist.get_world_size()
+    params = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
+    tokens_per_s = cfg.global_batch_size * cfg.seq_length / step
+    tflops = tokens_per_s * training_flops_per_token(trainer.config, cfg.seq_length) / 1e12 / world
+    peak = cfg.peak_tflops_per_device or (DEFAULT_CUDA_PEAK_TFLOPS if torch.cuda.is_available()
+                                          else None)
+    result = {"params_per_rank_m": params / 1e6, "step_ms": 1000 * step,
+              "step_ms_spread": 1000 * (max(times) - min(times)), "tokens_per_s": tokens_per_s,
+              "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
+              "peak_memory_gib": memory_gib()}
+    trainer.close(keep_process_group=True)
+    # Free this variant's model and optimizer before the next one allocates its own.
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        result["left_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=SHAPES, default="130m")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--output", default="bench_train.json")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile this many steps per variant (CUDA only)")
+    parser.add_argument("extra", nargs="*", help="flags after -- go to every variant")
+    args = parser.parse_args()
+    results = {}
+    for variant in args.variants.split(","):
+        if args.profile:
+            print(f"\n== {variant} ({args.shape})")
+        results[variant] = measure(variant_flags(args.shape, variant) + args.extra, args.warmup,
+                                   args.steps, args.profile)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    dense = results.get("dense")
+    print(f"\nshape {args.shape}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+    print(f"{'variant':<12} {'params/rank':>11} {'step ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} "
+          f"{'MFU':>6} {'peak GiB':>9} {'vs dense':>9}")
+    for variant, r in results.items():
+        ratio = r["step_ms"] / dense["step_ms"] if dense else float("nan")
+        r["step_vs_dense"] = ratio
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{variant:<12} {r['params_per_rank_m']:>10.1f}M {r['step_ms']:>9.1f} "
+              f"{r['tokens_per_s']:>11,.0f} {r['tflops_per_device']:>8.1f} {mfu:>6} "
+              f"{r['peak_memory_gib']:>9.1f} {ratio:>9.3f}")
+    with open(args.output, "w") as f:
+        json.dump({"shape": args.shape, "extra_flags": args.extra, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
