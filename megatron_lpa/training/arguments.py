@@ -123,6 +123,8 @@ class TrainingConfig:
     # Logging.
     log_interval: int = _opt(100, "Steps between log lines.")
     tensorboard_dir: Optional[str] = _opt(None, "TensorBoard event directory.")
+    log_jsonl: Optional[str] = _opt(None, "Also append every logged record (train, validation, "
+                                          "test) as a JSON line to this file, with elapsed time.")
     wandb_project: Optional[str] = _opt(None, "Weights & Biases project (needs wandb).")
     wandb_exp_name: Optional[str] = _opt(None, "Weights & Biases run name.")
     peak_tflops_per_device: Optional[float] = _opt(

@@ -1,5 +1,6 @@
 """The per-step log line and its TensorBoard / Weights & Biases scalars (on one rank)."""
 
+import json
 import time
 from typing import Optional
 
@@ -31,7 +32,9 @@ class MetricsLogger:
         if peak is None and torch.cuda.is_available():
             peak = DEFAULT_CUDA_PEAK_TFLOPS
         self.peak_tflops = peak
-        self.tensorboard = self.wandb = None
+        self.tensorboard = self.wandb = self.jsonl = None
+        if enabled and cfg.log_jsonl:
+            self.jsonl = open(cfg.log_jsonl, "a", buffering=1)
         if enabled and cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -82,12 +85,18 @@ class MetricsLogger:
                 self.tensorboard.add_scalar(f"{group}/{name}", value, iteration)
         if self.wandb:
             self.wandb.log({f"{group}/{k}": v for k, v in scalars.items()}, step=iteration)
+        if self.jsonl:
+            record = {"split": group, "iteration": iteration,
+                      "elapsed_s": round(time.time() - self.start, 3), **scalars}
+            self.jsonl.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self.tensorboard:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
+        if self.jsonl:
+            self.jsonl.close()
 
 
 def _duration(seconds: float) -> str:

@@ -1,0 +1,100 @@
+"""LPA vs dense on real text: the paper's 130M comparison on wiki-en-2014, one GPU, one call.
+
+    python tools/wiki_experiment.py --data-dir ../shared/data/wiki-en-2014 \
+        --shards train_00 train_01 train_02 --tokenizer-model wiki32k.model \
+        --variants dense lpa --seed 1 --output-dir runs/wiki
+
+Tokenises the given train shards and the validation shard with tools/preprocess_data.py, sizes the
+run so that no training token is seen twice (one epoch of what was given), then trains each variant
+with pretrain_gpt.py on the same data, schedule and seed, writing ``<variant>_seed<seed>.jsonl``
+(every log record with elapsed time) and ``summary.json``. ``tools/plot_experiment.py`` turns the
+records of several calls into curves and a table. With all eight shards and a larger
+``--global-batch-size`` the same script runs the comparison at full scale on any GPU.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_lpa.data.indexed_reader import IndexedDatasetReader
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The 130M LLaMA-style setting of the paper's code (d768, 12 layers, FFN 2048, seq 256, untied).
+MODEL_130M = ["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads", "12",
+              "--ffn-hidden-size", "2048", "--seq-length", "256", "--swiglu",
+              "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+              "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+              "--hidden-dropout", "0", "--attention-dropout", "0"]
+# Same optimiser and schedule for every variant: AdamW (0.9, 0.95), eps 1e-5, lr 1e-3 cosine to
+# 1e-4 after 10% linear warm-up, no weight decay, clip 1.0 (as the paper's training code).
+OPTIMIZER = ["--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
+             "--lr-warmup-fraction", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
+             "--adam-eps", "1e-5", "--weight-decay", "0.0", "--clip-grad", "1.0"]
+VARIANTS = {"dense": (0, 0), "lpa": (128, 0), "lowrank_ffn": (0, 384), "lowrank_all": (128, 384)}
+
+
+def preprocess(inputs: list, prefix: Path, tokenizer_model: str, workers: int) -> str:
+    subprocess.run([sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", *inputs,
+                    "--output-prefix", str(prefix), "--tokenizer-type", "GPTSentencePieceTokenizer",
+                    "--tokenizer-model", tokenizer_model, "--append-eod", "--workers", str(workers)],
+                   check=True)
+    return f"{prefix}_text_document"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--shards", nargs="+", required=True, help="train shard names (no suffix)")
+    parser.add_argument("--tokenizer-model", required=True)
+    parser.add_argument("--variants", nargs="+", default=["dense", "lpa"], choices=VARIANTS)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--global-batch-size", type=int, default=512)
+    parser.add_argument("--micro-batch-size", type=int, default=64)
+    parser.add_argument("--eval-interval", type=int, default=25)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--output-dir", default="runs/wiki")
+    args = parser.parse_args()
+
+    out = Path(args.output_dir)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    data = Path(args.data_dir)
+    train = preprocess([str(data / f"{s}.jsonl.zst") for s in args.shards], out / "data/train",
+                       args.tokenizer_model, args.workers)
+    valid = preprocess([str(data / "valid.jsonl.zst")], out / "data/valid", args.tokenizer_model,
+                       args.workers)
+    seq = 256
+    train_tokens = int(IndexedDatasetReader(train).sequence_lengths.sum())
+    valid_tokens = int(IndexedDatasetReader(valid).sequence_lengths.sum())
+    tokens_per_step = args.global_batch_size * seq
+    # One epoch: GPTDataset samples overlap by one token, so tokens // seq samples exist.
+    train_iters = (train_tokens // seq) // args.global_batch_size - 1
+    eval_iters = max(1, (valid_tokens // seq) // args.global_batch_size)
+    summary = {"train_tokens": train_tokens, "valid_tokens": valid_tokens,
+               "train_iters": train_iters, "tokens_per_step": tokens_per_step,
+               "eval_iters": eval_iters, "seed": args.seed, "runs": {}}
+    print(json.dumps(summary), flush=True)
+    for variant in args.variants:
+        attn_rank, ffn_rank = VARIANTS[variant]
+        log = out / f"{variant}_seed{args.seed}.jsonl"
+        log.unlink(missing_ok=True)
+        cmd = [sys.executable, str(REPO / "pretrain_gpt.py"), *MODEL_130M, *OPTIMIZER,
+               "--lpa-attn-rank", str(attn_rank), "--lpa-ffn-rank", str(ffn_rank),
+               "--train-data-path", train, "--valid-data-path", valid,
+               "--tokenizer-type", "GPTSentencePieceTokenizer",
+               "--tokenizer-model", args.tokenizer_model, "--bf16",
+               "--micro-batch-size", str(args.micro_batch_size),
+               "--global-batch-size", str(args.global_batch_size),
+               "--train-iters", str(train_iters), "--eval-interval", str(args.eval_interval),
+               "--eval-iters", str(eval_iters), "--log-interval", "5", "--seed", str(args.seed),
+               "--data-cache-path", str(out / "data/cache"), "--log-jsonl", str(log)]
+        subprocess.run(cmd, check=True)
+        summary["runs"][variant] = str(log)
+    (out / f"summary_seed{args.seed}.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
