@@ -269,9 +269,6 @@ def validate(cfg: TrainingConfig, world_size: int) -> None:
         _require(cfg.tokenizer_type is not None, "--tokenizer-type is required with real data.")
     if cfg.save_interval is not None:
         _require(cfg.save is not None, "--save-interval needs --save DIR.")
-    if cfg.load is not None:
-        _require(Path(cfg.load).is_dir(),
-                 f"--load {cfg.load}: no such directory; give the directory --save wrote.")
 
 
 def _validate_ranks(cfg: TrainingConfig, heads: int, groups: int, ffn: int) -> None:

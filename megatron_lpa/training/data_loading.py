@@ -91,4 +91,7 @@ def micro_batches(dataset: Optional[Dataset], consumed_samples: int, cfg: Traini
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=torch.cuda.is_available(),
                         persistent_workers=cfg.num_workers > 0)
-    return iter(loader)
+    # Starting workers draws their seed from the global generator; keep it out of the training
+    # stream so that a resumed run (which builds its iterators after restoring RNG) stays exact.
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)

@@ -10,6 +10,7 @@ import math
 import signal
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -116,10 +117,7 @@ class Trainer:
         self.scheduler = self._build_scheduler()
         self.state = {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0}
         if cfg.load:
-            loaded = load_checkpoint(cfg.load, self.model, self.optimizer, self.scheduler,
-                                     load_optim=not cfg.no_load_optim)
-            if loaded is not None:
-                self.state.update(loaded)
+            self._resume(cfg.load)
         self.train_data, self.valid_data, self.test_data = build_datasets(
             cfg, self.tokenizer, self.config.vocab_size)
         dp_rank = parallel_state.get_data_parallel_rank()
@@ -135,6 +133,19 @@ class Trainer:
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # ----- build -----------------------------------------------------------------------------
+    def _resume(self, load_dir: str) -> None:
+        """Loads the latest checkpoint of ``load_dir``; none yet (a first run) starts from scratch."""
+        loaded = None
+        if Path(load_dir).is_dir():
+            loaded = load_checkpoint(load_dir, self.model, self.optimizer, self.scheduler,
+                                     load_optim=not self.cfg.no_load_optim)
+        if dist.get_rank() == 0:
+            print(f"--load {load_dir}: no checkpoint yet, starting from scratch." if loaded is None
+                  else f"Resumed from {load_dir} at iteration {loaded['iteration']} "
+                       f"({loaded['consumed_train_samples']} samples consumed).", flush=True)
+        if loaded is not None:
+            self.state.update(loaded)
+
     def _build_model(self) -> DistributedDataParallel:
         model = build_model(self.config, pre_process=parallel_state.is_pipeline_first_stage(),
                             post_process=parallel_state.is_pipeline_last_stage())
