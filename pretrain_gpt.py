@@ -1,6 +1,6 @@
 """Pretrain a dense or LPA GPT on megatron-core.
 
-    torchrun --nproc-per-node 8 pretrain_gpt.py --config examples/configs/lpa_130m.yaml \
+    torchrun --nproc-per-node 8 pretrain_gpt.py --config examples/configs/llama_130m_lpa.yaml \
         --tensor-model-parallel-size 2 --lpa-attn-rank 128 ...
 
 Every flag is listed by ``python pretrain_gpt.py --help``; a YAML ``--config`` sets the same options.

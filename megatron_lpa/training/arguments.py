@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _yaml_settings(path: str) -> dict:
+def _yaml_flags(path: str) -> list:
+    """The YAML file's settings as command-line flags.
+
+    As flags they go through argparse like typed ones (types, choices, one value or a list), and
+    the command line, parsed after them, overrides them.
+    """
     try:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
@@ -182,24 +188,36 @@ def _yaml_settings(path: str) -> dict:
         raise SystemExit(f"--config {path}: not valid YAML: {error}")
     if not isinstance(loaded, dict):
         raise SystemExit(f"--config {path}: expected a mapping of settings, got {type(loaded).__name__}.")
-    names = {f.name for f in dataclasses.fields(TrainingConfig) if not f.metadata.get("derived")}
-    settings = {}
+    fields = {f.name: f for f in dataclasses.fields(TrainingConfig) if not f.metadata.get("derived")}
+    flags = []
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
-        if name not in names:
+        if name not in fields:
             raise SystemExit(f"--config {path}: unknown setting {key!r}; "
                              f"see `pretrain_gpt.py --help` for the names.")
-        settings[name] = [str(v) for v in value] if isinstance(value, list) else value
-    return settings
+        if _base_type(fields[name].type) is bool:
+            if not isinstance(value, bool):
+                raise SystemExit(f"--config {path}: {key} must be true or false, got {value!r}.")
+            flags += [_flag(fields[name])] if value else []
+        elif value is not None:
+            values = value if isinstance(value, list) else [value]
+            flags += [_flag(fields[name]), *map(str, values)]
+    return flags
 
 
 def parse_args(argv=None) -> TrainingConfig:
     """Flags (and the ``--config`` YAML they name) -> a validated ``TrainingConfig``."""
     parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**_yaml_settings(known.config))
-    namespace = vars(parser.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_file = parser.parse_known_args(argv)[0].config
+    yaml_flags = _yaml_flags(config_file) if config_file else []
+    parser.exit_on_error = False  # a bad value in the file is reported with the file's name
+    try:
+        parser.parse_args(yaml_flags)
+    except argparse.ArgumentError as error:
+        raise SystemExit(f"--config {config_file}: {error}")
+    parser.exit_on_error = True
+    namespace = vars(parser.parse_args(yaml_flags + argv))
     namespace.pop("config")
     config = TrainingConfig(**namespace)
     validate(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))

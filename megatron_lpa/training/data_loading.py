@@ -13,7 +13,12 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from megatron_lpa.data.gpt_datasets import DataConfig, build_train_valid_test_datasets
+from megatron_lpa.data.gpt_datasets import (
+    DataConfig,
+    DataConfigError,
+    build_train_valid_test_datasets,
+    validate_data_config,
+)
 from megatron_lpa.training.arguments import TrainingConfig
 
 
@@ -63,13 +68,9 @@ def split_sample_counts(cfg: TrainingConfig) -> list:
             cfg.eval_iters * cfg.global_batch_size]
 
 
-def build_datasets(cfg: TrainingConfig, tokenizer, vocab_size: int) -> list:
-    """[train, valid, test] datasets (an entry is None when that split has no data)."""
-    counts = split_sample_counts(cfg)
-    if cfg.mock_data:
-        return [MockGPTDataset(n, cfg.seq_length, vocab_size, cfg.seed + split) if n else None
-                for split, n in enumerate(counts)]
-    data_config = DataConfig(
+def data_config(cfg: TrainingConfig) -> DataConfig:
+    """The run's data flags as the data package's ``DataConfig``."""
+    return DataConfig(
         data_path=cfg.data_path, split=cfg.split, train_data_path=cfg.train_data_path,
         valid_data_path=cfg.valid_data_path, test_data_path=cfg.test_data_path,
         data_cache_path=cfg.data_cache_path, seq_length=cfg.seq_length, seed=cfg.seed,
@@ -78,7 +79,28 @@ def build_datasets(cfg: TrainingConfig, tokenizer, vocab_size: int) -> list:
         # Without document masking attention is plainly causal: no mask lets SDPA use flash kernels.
         create_attention_mask=cfg.reset_attention_mask,
     )
-    return list(build_train_valid_test_datasets(data_config, tokenizer, counts))
+
+
+def check_data(cfg: TrainingConfig) -> None:
+    """Stops with what to change when a data flag names no dataset or a split has no documents.
+
+    Runs before any process group or model exists, so a typo costs seconds, not a model build.
+    """
+    if cfg.mock_data:
+        return
+    try:
+        validate_data_config(data_config(cfg))
+    except DataConfigError as error:
+        raise SystemExit(f"Configuration error: {error}")
+
+
+def build_datasets(cfg: TrainingConfig, tokenizer, vocab_size: int) -> list:
+    """[train, valid, test] datasets (an entry is None when that split has no data)."""
+    counts = split_sample_counts(cfg)
+    if cfg.mock_data:
+        return [MockGPTDataset(n, cfg.seq_length, vocab_size, cfg.seed + split) if n else None
+                for split, n in enumerate(counts)]
+    return list(build_train_valid_test_datasets(data_config(cfg), tokenizer, counts))
 
 
 def micro_batches(dataset: Optional[Dataset], consumed_samples: int, cfg: TrainingConfig,

@@ -35,7 +35,7 @@ from megatron_lpa.platform.distributed import (
 from megatron_lpa.tokenizers import build_tokenizer
 from megatron_lpa.training.arguments import TrainingConfig
 from megatron_lpa.training.checkpointing import load_checkpoint, save_checkpoint
-from megatron_lpa.training.data_loading import build_datasets, micro_batches
+from megatron_lpa.training.data_loading import build_datasets, check_data, micro_batches
 from megatron_lpa.training.metrics import MetricsLogger
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
@@ -103,6 +103,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainingConfig):
         self.cfg = cfg
+        # First, so that a SIGTERM during start-up is honoured (with a save) after the first step.
+        self._signal_received, self._saved_at = False, None
+        if cfg.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        check_data(cfg)
         initialize_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
         set_seed(cfg.seed)
         self.tokenizer = None
@@ -128,9 +133,6 @@ class Trainer:
         self.logger = MetricsLogger(
             cfg, training_flops_per_token(self.config, cfg.seq_length), dist.get_world_size(),
             enabled=dist.get_rank() == dist.get_world_size() - 1)
-        self._signal_received, self._saved_at = False, None
-        if cfg.exit_signal_handler:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # ----- build -----------------------------------------------------------------------------
     def _resume(self, load_dir: str) -> None:

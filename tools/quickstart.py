@@ -1,0 +1,386 @@
+"""Dense vs. LPA from nothing, in one command: corpus, tokenizer, data, two training runs, report.
+
+    python tools/quickstart.py          # 4-8 minutes on 2 CPU cores; 1.5 on a GPU (used if any)
+    python tools/quickstart.py --tiny   # the whole pipeline in under a minute
+
+Needs no network: the corpus is the docstrings of the installed Python standard library. Steps:
+
+1. ``corpus.jsonl``: module, class and function docstrings, deduplicated, in a fixed shuffled order
+   (so that the validation documents ``--split`` takes are a sample of all modules, not the last few
+   alphabetically).
+2. ``tools/train_tokenizer.py``: a SentencePiece BPE tokenizer; ``tools/preprocess_data.py``: the
+   indexed dataset, documents ending in <eod>.
+3. ``pretrain_gpt.py`` under torchrun, once dense and once with ``--lpa-attn-rank``; everything else
+   (LLaMA-style model, data order, seed, schedule) is the same.
+4. The report: a table (parameters, tokens/s, final validation perplexity), ``loss_curves.png`` and
+   ``summary.json`` in ``--output-dir``.
+"""
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import sysconfig
+import time
+import tokenize
+import warnings
+from pathlib import Path
+
+import torch
+
+try:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; the quickstart also runs on machines without a display
+    from matplotlib import pyplot
+except ImportError:
+    raise SystemExit(
+        "tools/quickstart.py draws its loss curves with matplotlib: "
+        "pip install -e '.[test]' (or pip install matplotlib), then run it again."
+    )
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Standard-library folders whose docstrings are not English prose about the library, or not the
+# same on every machine with this Python.
+_SKIPPED_FOLDERS = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idlelib"}
+# Docstrings shorter than this are mostly "Return self." and the like.
+_MIN_DOCSTRING_CHARS = 40
+# About 400k tokens of docstrings: a larger vocabulary would leave most pieces rarely seen.
+_VOCAB_SIZE = 4096
+
+# The trainer's console lines the quickstart echoes (the figures themselves come from --log-jsonl).
+_ECHOED_LINES = ("iteration ", "validation at ", "test at ")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--output-dir", default="runs/quickstart", help="Where everything goes (runs/quickstart)."
+    )
+    parser.add_argument("--tiny", action="store_true", help="2 layers, 20 steps: in a minute.")
+    parser.add_argument("--train-iters", type=int, help="Steps a run (400; 20 with --tiny).")
+    parser.add_argument("--lpa-attn-rank", type=int, help="LPA's rank (default: hidden / 4).")
+    return parser.parse_args(argv)
+
+
+# ----- 1. corpus ---------------------------------------------------------------------------------
+def _docstrings(path: Path) -> list:
+    """Module, class and function docstrings of one source file (none if it does not parse)."""
+    try:
+        with tokenize.open(path) as source, warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)  # old files' invalid escape sequences
+            tree = ast.parse(source.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    nodes = (
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+    )
+    return [
+        doc for doc in map(ast.get_docstring, nodes) if doc and len(doc) >= _MIN_DOCSTRING_CHARS
+    ]
+
+
+def build_stdlib_corpus(path: Path) -> int:
+    """Writes the standard library's docstrings as JSON lines ``{"text": ...}``; returns the count.
+
+    The same Python installation always gives the same file.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    documents, seen = [], set()
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if name not in _SKIPPED_FOLDERS)
+        for name in sorted(files):
+            if name.endswith(".py"):
+                for doc in _docstrings(Path(folder) / name):
+                    if doc not in seen:
+                        seen.add(doc)
+                        documents.append(doc)
+    random.Random(0).shuffle(documents)
+    with open(path, "w", encoding="utf-8") as corpus:
+        for doc in documents:
+            corpus.write(json.dumps({"text": doc}) + "\n")
+    return len(documents)
+
+
+# ----- 2. tokenizer and dataset ------------------------------------------------------------------
+def as_flags(options: dict) -> list:
+    """``{"model-prefix": p, "append-eod": True, "bf16": False}`` -> ``["--model-prefix", "p",
+    "--append-eod"]``: True is a bare flag, False leaves the flag out."""
+    flags = []
+    for name, value in options.items():
+        if value is True:
+            flags.append(f"--{name}")
+        elif value is not False:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
+def run_tool(name: str, options: dict) -> None:
+    """Runs ``tools/<name>.py`` with ``options``, showing the command; stops if it fails."""
+    command = [sys.executable, str(REPO / "tools" / f"{name}.py"), *as_flags(options)]
+    print("$ python " + " ".join(command[1:]), flush=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{name}.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def prepare_data(data: Path) -> Path:
+    """Corpus, tokenizer (``data/tokenizer.model``) and indexed dataset; returns its prefix."""
+    corpus = data / "corpus.jsonl"
+    documents = build_stdlib_corpus(corpus)
+    print(f"{corpus}: {documents:,} docstrings, {corpus.stat().st_size / 1e6:.1f} MB", flush=True)
+    run_tool(
+        "train_tokenizer",
+        {"input": corpus, "model-prefix": data / "tokenizer", "vocab-size": _VOCAB_SIZE},
+    )
+    run_tool(
+        "preprocess_data",
+        {
+            "input": corpus,
+            "output-prefix": data / "corpus",
+            "tokenizer-type": "GPTSentencePieceTokenizer",
+            "tokenizer-model": data / "tokenizer.model",
+            "append-eod": True,
+            "workers": 2,
+        },
+    )
+    return data / "corpus_text_document"
+
+
+def dataset_size(prefix: Path) -> dict:
+    """Documents and tokens of an indexed dataset."""
+    from megatron_lpa.data.indexed_reader import IndexedDatasetReader
+
+    dataset = IndexedDatasetReader(str(prefix))
+    return {"documents": dataset.num_documents, "tokens": int(dataset.sequence_lengths.sum())}
+
+
+# ----- 3. training -------------------------------------------------------------------------------
+def training_options(args: argparse.Namespace, data_prefix: Path, tokenizer_model: Path) -> dict:
+    """``pretrain_gpt.py`` options the two runs share (the LPA run adds ``lpa-attn-rank``)."""
+    if args.tiny:
+        shape = {"num-layers": 2, "hidden-size": 64, "ffn-hidden-size": 176, "seq-length": 64}
+        batch, eval_iters = 8, 2
+    else:
+        shape = {"num-layers": 4, "hidden-size": 128, "ffn-hidden-size": 352, "seq-length": 128}
+        batch, eval_iters = 16, 10  # 160 samples of 128 tokens: about the whole validation split
+    iters = args.train_iters
+    return {
+        **shape,
+        "num-attention-heads": 4,
+        # LLaMA-style, as the paper's models.
+        "swiglu": True,
+        "normalization": "RMSNorm",
+        "position-embedding-type": "rope",
+        "disable-bias-linear": True,
+        "untie-embeddings-and-output-weights": True,
+        "hidden-dropout": 0.0,
+        "attention-dropout": 0.0,
+        "bf16": torch.cuda.is_available(),
+        "micro-batch-size": batch,
+        "global-batch-size": batch,
+        "train-iters": iters,
+        "lr": 3e-3,
+        "min-lr": 3e-4,
+        "lr-decay-style": "cosine",
+        "lr-warmup-fraction": 0.1,
+        "weight-decay": 0.1,
+        "adam-beta2": 0.95,
+        "data-path": data_prefix,
+        "split": "95,5,0",
+        "tokenizer-type": "GPTSentencePieceTokenizer",
+        "tokenizer-model": tokenizer_model,
+        # On CPU, loader workers would compete with the model for the few cores; the memory-mapped
+        # samples are cheap to read in the training process.
+        "num-workers": 2 if torch.cuda.is_available() else 0,
+        "log-interval": max(1, iters // 20),
+        "eval-interval": max(1, iters // 10),
+        "eval-iters": eval_iters,
+    }
+
+
+def train(variant: str, flags: list, run_dir: Path) -> Path:
+    """Runs ``pretrain_gpt.py`` on one process, echoing its log lines; returns its metrics file.
+
+    The full output (megatron's warnings included) goes to ``run_dir/train.log``, every logged
+    metric to ``run_dir/metrics.jsonl``.
+    """
+    log_path, metrics_path = run_dir / "train.log", run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)  # the trainer appends to it
+    flags = flags + ["--log-jsonl", str(metrics_path)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+    print(f"\n[{variant}] $ python {' '.join(launcher)} pretrain_gpt.py {' '.join(flags)}")
+    with open(log_path, "w") as log, subprocess.Popen(
+        [sys.executable, *launcher, str(REPO / "pretrain_gpt.py"), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        for line in process.stdout:
+            log.write(line)
+            if line.startswith(_ECHOED_LINES):
+                print(f"[{variant}] {line}", end="", flush=True)
+    if process.returncode:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(
+            f"{tail}\n[{variant}] training failed (exit {process.returncode}); "
+            f"the full output is in {log_path}."
+        )
+    return metrics_path
+
+
+def summarize_metrics(metrics_path: Path) -> dict:
+    """Loss curves, mean throughput and final validation figures from the trainer's records.
+
+    Throughput leaves out the first log window (start-up and warm-up) when there are others.
+    """
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    validation = [r for r in records if r["split"] == "validation"]
+    if not train_records or not validation:
+        raise SystemExit(
+            f"{metrics_path} has no training or no validation records; give the runs more steps "
+            "(--train-iters)."
+        )
+    rates = [r["tokens-per-sec"] for r in train_records]
+    steady = rates[1:] or rates
+    return {
+        "train_loss": [[r["iteration"], r["lm loss"]] for r in train_records],
+        "validation_loss": [[r["iteration"], r["lm loss"]] for r in validation],
+        "tokens_per_second": sum(steady) / len(steady),
+        "final_validation_loss": validation[-1]["lm loss"],
+        "final_validation_perplexity": validation[-1]["ppl"],
+        "training_seconds": train_records[-1]["elapsed_s"],
+    }
+
+
+def count_parameters(flags: list) -> int:
+    """Parameters of the model ``flags`` describe (built on CPU, uninitialised, in this process)."""
+    # megatron-core warns about its optional kernels (Apex, Transformer Engine) on import and about
+    # defaults it deprecates when a config is made; the training logs keep those.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron_lpa.models.builder import build_model
+        from megatron_lpa.platform.distributed import destroy_distributed, initialize_distributed
+        from megatron_lpa.tokenizers import build_tokenizer
+        from megatron_lpa.training.arguments import parse_args as parse_training_args
+        from megatron_lpa.training.trainer import model_config, padded_vocab_size
+
+        cfg = parse_training_args(flags)
+        vocab = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model).vocab_size
+        config = dataclasses.replace(
+            model_config(cfg, padded_vocab_size(vocab, cfg)),
+            use_cpu_initialization=True,
+            perform_initialization=False,
+        )
+    initialize_distributed()
+    try:
+        return sum(p.numel() for p in build_model(config).parameters())
+    finally:
+        destroy_distributed()
+
+
+def compare(options: dict, ranks: dict, output: Path) -> dict:
+    """Trains one model per ``{variant: lpa_attn_rank}``; returns each one's figures."""
+    variant_flags = {
+        variant: as_flags({**options, "lpa-attn-rank": rank}) for variant, rank in ranks.items()
+    }
+    results = {}
+    for variant, flags in variant_flags.items():
+        run_dir = output / variant
+        run_dir.mkdir(exist_ok=True)
+        metrics = summarize_metrics(train(variant, flags, run_dir))
+        results[variant] = {"lpa_attn_rank": ranks[variant], **metrics}
+    # Counted after training: building a model here starts a process group, which sets
+    # MASTER_ADDR/MASTER_PORT in this process's environment, and the runs must not inherit those.
+    for variant, flags in variant_flags.items():
+        results[variant]["parameters"] = count_parameters(flags)
+    return results
+
+
+# ----- 4. report ---------------------------------------------------------------------------------
+def format_table(results: dict) -> str:
+    """The side-by-side comparison of the variants."""
+    rows = [("variant", "attn rank", "params", "tokens/s", "val loss", "val ppl")]
+    for variant, result in results.items():
+        rows.append(
+            (
+                variant,
+                str(result["lpa_attn_rank"] or "-"),
+                f"{result['parameters']:,}",
+                f"{result['tokens_per_second']:,.0f}",
+                f"{result['final_validation_loss']:.4f}",
+                f"{result['final_validation_perplexity']:.2f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if column == 0 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(row, widths))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def plot_loss_curves(results: dict, path: Path) -> None:
+    """Training loss against step (lines) and validation loss (markers), one colour a variant."""
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    for (variant, result), colour in zip(results.items(), ("tab:blue", "tab:orange")):
+        steps, losses = zip(*result["train_loss"])
+        axes.plot(steps, losses, color=colour, label=f"{variant} train")
+        steps, losses = zip(*result["validation_loss"])
+        axes.plot(steps, losses, "o--", color=colour, label=f"{variant} validation")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats/token)")
+    axes.set_title("Dense vs. LPA attention")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def main(argv=None) -> None:
+    start = time.time()
+    args = parse_args(argv)
+    args.train_iters = args.train_iters or (20 if args.tiny else 400)
+    output = Path(args.output_dir)
+    (output / "data").mkdir(parents=True, exist_ok=True)
+
+    data_prefix = prepare_data(output / "data")
+    options = training_options(args, data_prefix, output / "data" / "tokenizer.model")
+    ranks = {"dense": 0, "lpa": args.lpa_attn_rank or options["hidden-size"] // 4}
+    results = compare(options, ranks, output)
+
+    plot_loss_curves(results, output / "loss_curves.png")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    summary = {
+        "device": device,
+        "dataset": dataset_size(data_prefix),
+        "training_options": {name: str(value) for name, value in options.items()},
+        "variants": results,
+        "total_seconds": round(time.time() - start, 1),
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{format_table(results)}\n")
+    print(
+        f"{output / 'loss_curves.png'}, {output / 'summary.json'} "
+        f"({device}, {summary['total_seconds'] / 60:.1f} min)"
+    )
+    if not all(math.isfinite(r["final_validation_perplexity"]) for r in results.values()):
+        raise SystemExit("A validation perplexity is not finite; see the training logs.")
+
+
+if __name__ == "__main__":
+    main()
