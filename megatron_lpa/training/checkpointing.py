@@ -34,10 +34,13 @@ is wrong from the first step after a resume.
 """
 
 import logging
+import multiprocessing
 import os
 import random
 import secrets
 import shutil
+import signal
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -49,6 +52,7 @@ from torch.distributed.checkpoint import CheckpointException as TorchCheckpointE
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -132,9 +136,28 @@ def save_checkpoint(
         "config": config_dict,
     }
     state = _sharded_state(model, optimizer, scheduler, with_rng=True, is_loading=False)
+    _shield_writer_queue()
     dist_checkpointing.save({**state, **common}, temp)
     dist.barrier()  # every rank's files are complete before rank 0 publishes them
     _on_rank0(lambda: _publish(root, Path(temp), final, iteration))
+
+
+def _ignore_termination_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _shield_writer_queue() -> None:
+    """Serves megatron-core's checkpoint-writer result queue from a process that ignores SIGTERM.
+
+    megatron-core starts that queue's Manager process at the first save and reuses it. torchrun
+    forwards SIGTERM to each worker's whole process group, so the Manager would die with the
+    signal that asks for a final save, and that save would fail with BrokenPipeError.
+    """
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(_ignore_termination_signals)
+        filesystem_async._results_queue = manager.Queue()
 
 
 def load_checkpoint(
