@@ -1,0 +1,1 @@
+"""Launchers: example configs, Slurm scripts on a real Slurm, multi-node rehearsal."""
