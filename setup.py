@@ -19,6 +19,8 @@ setup(
         "tqdm",
         "tensorboard",
         "pyyaml",
+        "orjson",  # fast JSON-lines parsing in tools/preprocess_data.py (json is the fallback)
+        "regex",  # GPT-2 BPE pre-tokenisation
     ],
     extras_require={
         "wandb": ["wandb"],

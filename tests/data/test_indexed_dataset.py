@@ -7,6 +7,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from megatron_lpa.data import indexed_writer
 from megatron_lpa.data.indexed_reader import IndexedDatasetError, IndexedDatasetReader
 from megatron_lpa.data.indexed_writer import IndexedDatasetWriter, merge_indexed_datasets
 from tests.data.conftest import load_tool
@@ -38,7 +39,9 @@ def _write_ours(prefix, documents, dtype):
 def _write_megatron(prefix, documents, dtype):
     builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     for sequences in documents:
-        builder.add_document(torch.from_numpy(np.concatenate(sequences)), [len(s) for s in sequences])
+        builder.add_document(
+            torch.from_numpy(np.concatenate(sequences)), [len(s) for s in sequences]
+        )
     builder.finalize(f"{prefix}.idx")
 
 
@@ -48,7 +51,22 @@ def test_writer_is_byte_identical_to_megatron_core(tmp_path, dtype, high):
     _write_ours(tmp_path / "ours", documents, dtype)
     _write_megatron(tmp_path / "megatron", documents, dtype)
     for suffix in (".bin", ".idx"):
-        assert filecmp.cmp(tmp_path / f"ours{suffix}", tmp_path / f"megatron{suffix}", shallow=False)
+        assert filecmp.cmp(
+            tmp_path / f"ours{suffix}", tmp_path / f"megatron{suffix}", shallow=False
+        )
+
+
+def test_writer_streams_sizes_in_chunks(tmp_path, monkeypatch):
+    # Index sizes are spilled to disk and streamed back in chunks; tiny chunks check the seams.
+    monkeypatch.setattr(indexed_writer, "_CHUNK", 7)
+    documents = _documents(4, 40, 30000)
+    _write_ours(tmp_path / "ours", documents, np.uint16)
+    merge_indexed_datasets([str(tmp_path / "ours")] * 2, str(tmp_path / "twice"))
+    _write_megatron(tmp_path / "megatron", documents + documents, np.uint16)
+    for suffix in (".bin", ".idx"):
+        assert filecmp.cmp(
+            tmp_path / f"twice{suffix}", tmp_path / f"megatron{suffix}", shallow=False
+        )
 
 
 def test_megatron_core_reads_ours_and_we_read_megatron_core(tmp_path):
@@ -57,9 +75,9 @@ def test_megatron_core_reads_ours_and_we_read_megatron_core(tmp_path):
     _write_megatron(tmp_path / "megatron", documents, np.uint16)
 
     theirs = IndexedDataset(str(tmp_path / "ours"))
-    sequences = [s for sequences in documents for s in sequences]
-    assert len(theirs) == len(sequences)
-    assert all(np.array_equal(theirs[i], s) for i, s in enumerate(sequences))
+    all_sequences = [s for sequences in documents for s in sequences]
+    assert len(theirs) == len(all_sequences)
+    assert all(np.array_equal(theirs[i], s) for i, s in enumerate(all_sequences))
     ends = np.cumsum([0] + [len(s) for s in documents])
     assert theirs.document_indices.tolist() == ends.tolist()
 
@@ -67,14 +85,16 @@ def test_megatron_core_reads_ours_and_we_read_megatron_core(tmp_path):
     assert ours.dtype == np.uint16 and ours.num_documents == len(documents)
     for i, sequences in enumerate(documents):
         assert np.array_equal(ours.document(i), np.concatenate(sequences))
-    assert all(np.array_equal(ours.sequence(i), s) for i, s in enumerate(sequences))
+    assert all(np.array_equal(ours.sequence(i), s) for i, s in enumerate(all_sequences))
 
 
 def test_merge_matches_megatron_core_and_keeps_order(tmp_path):
     parts = [_documents(seed, 20, 30000) for seed in range(3)]
     for i, documents in enumerate(parts):
         _write_ours(tmp_path / f"part{i}", documents, np.uint16)
-    merged = merge_indexed_datasets([str(tmp_path / f"part{i}") for i in range(3)], str(tmp_path / "all"))
+    merged = merge_indexed_datasets(
+        [str(tmp_path / f"part{i}") for i in range(3)], str(tmp_path / "all")
+    )
     assert merged.document_count == 60
     builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
     for i in range(3):
@@ -96,7 +116,13 @@ def test_merge_tool_takes_directories_and_refuses_mixed_dtypes(tmp_path, capsys)
     assert IndexedDatasetReader(str(tmp_path / "m")).num_documents == 10
     _write_ours(tmp_path / "wide", _documents(9, 5, 100_000), np.int32)
     status = merge(
-        ["--input", str(tmp_path / "m"), str(tmp_path / "wide"), "--output-prefix", str(tmp_path / "x")]
+        [
+            "--input",
+            str(tmp_path / "m"),
+            str(tmp_path / "wide"),
+            "--output-prefix",
+            str(tmp_path / "x"),
+        ]
     )
     assert status == 1 and "same tokenizer" in capsys.readouterr().err
     assert not list(tmp_path.glob("x.*"))
@@ -129,7 +155,10 @@ def test_writer_publishes_only_finished_pairs(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == finished
     with IndexedDatasetWriter(prefix, np.uint16) as writer:
         writer.add_document(np.arange(10))
-        assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".tmp") == ["d.bin", "d.idx"]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".tmp") == [
+            "d.bin",
+            "d.idx",
+        ]
         writer.finalize()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx"]
     assert IndexedDatasetReader(prefix).document(0).tolist() == list(range(10))

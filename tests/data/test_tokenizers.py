@@ -52,6 +52,9 @@ def test_build_tokenizer_errors_name_the_flag(tmp_path):
         build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "missing.model"))
     with pytest.raises(TokenizerConfigError, match="needs --vocab-size"):
         build_tokenizer("NullTokenizer")
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(TokenizerConfigError, match="junk.model is not a SentencePiece model"):
+        build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=str(tmp_path / "junk.model"))
 
 
 def test_gpt_sentencepiece_matches_sentencepiece(sp_model, documents):
@@ -81,11 +84,29 @@ def test_gpt_sentencepiece_matches_sentencepiece(sp_model, documents):
         ),
         ({"model_type": "bpe", "add_dummy_prefix": False}, False),
         ({"model_type": "bpe", "treat_whitespace_as_suffix": True}, False),
+        ({"model_type": "bpe", "split_by_whitespace": False}, False),  # pieces span words
+        # Rules x -> y, y -> z: normalizing twice differs from once, so words holding y
+        # cannot be encoded alone.
+        ({"model_type": "bpe", "normalization_rule_tsv": "78\t79\n79\t7A\n"}, True),
     ],
-    ids=["bpe", "unigram", "llama-like", "no-dummy-prefix", "whitespace-suffix"],
+    ids=[
+        "bpe",
+        "unigram",
+        "llama-like",
+        "no-dummy-prefix",
+        "whitespace-suffix",
+        "cross-word-pieces",
+        "xyz-rules",
+    ],
 )
 def test_word_cache_gives_sentencepiece_ids(tmp_path, documents, trainer_options, cache_applies):
     prefix = str(tmp_path / "model")
+    if "normalization_rule_tsv" in trainer_options:
+        rules = tmp_path / "rules.tsv"
+        rules.write_text(trainer_options["normalization_rule_tsv"])
+        trainer_options = dict(trainer_options, normalization_rule_tsv=str(rules))
+    # Words with x, y and z for the rules; a frequent phrase for pieces spanning words.
+    documents = documents + ["xylophone yxy xx yy zz"] * 20 + ["of the " * 20] * 20
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(documents),
         model_prefix=prefix,
@@ -97,15 +118,20 @@ def test_word_cache_gives_sentencepiece_ids(tmp_path, documents, trainer_options
         **trainer_options,
     )
     processor = sentencepiece.SentencePieceProcessor(model_file=prefix + ".model")
-    assert sentencepiece_model_type(processor) == (2 if trainer_options["model_type"] == "bpe" else 1)
+    assert sentencepiece_model_type(processor) == (
+        2 if trainer_options["model_type"] == "bpe" else 1
+    )
     cache = SentencePieceWordCache(processor, max_words=50)  # overflows: clearing is exercised
     assert cache.is_exact == cache_applies
-    texts = make_documents(60, seed=1) + AWKWARD_TEXTS
+    texts = make_documents(60, seed=1) + AWKWARD_TEXTS + ["xylophone yxy xx yy", "of the zz"]
     for batch in (texts[:30], texts[30:], texts):  # cold, then warm cache
         expected = processor.encode(batch)
         tokens, lengths = cache.encode(batch)
         assert tokens.tolist() == [i for ids in expected for i in ids]
         assert lengths.tolist() == [len(ids) for ids in expected]
+    if cache_applies:  # memory stays bounded: the cache was emptied when it outgrew 50 words
+        words = {w for t in texts for w in processor.normalize(t).split("\u2581")}
+        assert 50 < len(cache) < len(words)
 
 
 def test_llama2_tokenizer_starts_each_text_with_bos(sp_model):
@@ -138,6 +164,8 @@ def test_null_tokenizer():
     assert tokenizer.detokenize([5, 17]) == "5 17"
     tokens, lengths = tokenizer.tokenize_batch_to_array(["1 2", "", "3"], np.uint16)
     assert tokens.tolist() == [1, 2, 3] and lengths.tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match="--vocab-size"):
+        tokenizer.tokenize("5 100")
 
 
 def _write_gpt2_files(tmp_path, vocab: dict, merges: list[str]):
@@ -193,8 +221,14 @@ def test_huggingface_tokenizer_json(tmp_path, documents):
     assert tokenizer.tokenize("Hello world") == hf.encode("Hello world").ids
     _assert_batch_matches_single(tokenizer, documents[:20])
     (tmp_path / "tokenizer_config.json").unlink()
-    fallback = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "tokenizer.json"))
+    fallback = build_tokenizer(
+        "HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "tokenizer.json")
+    )
     assert fallback.eod == hf.token_to_id("</s>") and fallback.pad == -1
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "tokenizer.json").write_text("{}")
+    with pytest.raises(TokenizerConfigError, match="not a Hugging Face tokenizer.json"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "junk"))
 
 
 def test_train_sentencepiece_writes_model_atomically(tmp_path, documents):

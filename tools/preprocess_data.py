@@ -1,0 +1,147 @@
+"""Turns JSON-lines corpora (The Pile's .jsonl.zst shards and the like) into Megatron indexed
+datasets, ``{output_prefix}_{json_key}_document.bin/.idx``, with Megatron-LM's flags.
+
+Example:
+    python tools/preprocess_data.py --input 'pile/train/*.jsonl.zst' --output-prefix data/pile \\
+        --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tok.model \\
+        --append-eod --workers 16
+"""
+
+import argparse
+import signal
+import sys
+
+from megatron_lpa.data.block_encoder import EncoderOptions
+from megatron_lpa.data.jsonl_reader import InputError
+from megatron_lpa.data.preprocess import PreprocessConfig, PreprocessError, preprocess
+from megatron_lpa.tokenizers import TOKENIZER_TYPES, TokenizerConfigError
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's tokenizer flags (those megatron_lpa.tokenizers supports)."""
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument(
+        "--tokenizer-type", required=True, help=f"one of: {', '.join(TOKENIZER_TYPES)}"
+    )
+    group.add_argument(
+        "--tokenizer-model", help="SentencePiece .model, or tokenizer.json (or its directory)"
+    )
+    group.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
+    group.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
+    group.add_argument("--vocab-size", type=int, help="number of ids (NullTokenizer)")
+
+
+def tokenizer_args(args: argparse.Namespace) -> dict:
+    """The ``build_tokenizer`` keyword arguments of parsed tokenizer flags."""
+    return {
+        "tokenizer_type": args.tokenizer_type,
+        "tokenizer_model": args.tokenizer_model,
+        "vocab_file": args.vocab_file,
+        "merge_file": args.merge_file,
+        "vocab_size": args.vocab_size,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    group = parser.add_argument_group("input data")
+    group.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="files or glob patterns: .jsonl, .json (one object per line), .jsonl.zst/.gz/.xz",
+    )
+    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract")
+    group.add_argument("--split-sentences", action="store_true", help="one sequence a sentence")
+    group.add_argument(
+        "--keep-newlines", action="store_true", help="keep newlines between split sentences"
+    )
+    group.add_argument("--lang", default="english", help="nltk punkt language for splitting")
+    group.add_argument(
+        "--pile-set-names",
+        nargs="+",
+        help="keep only lines whose meta.pile_set_name is one of these (e.g. 'Wikipedia (en)')",
+    )
+    group.add_argument(
+        "--exclude-pile-set-names",
+        nargs="+",
+        default=[],
+        help="drop lines whose meta.pile_set_name is one of these",
+    )
+    group.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip malformed or empty lines and unreadable files, counting and reporting them, "
+        "instead of stopping at the first",
+    )
+    add_tokenizer_args(parser)
+    group = parser.add_argument_group("tokenization process")
+    group.add_argument("--append-eod", action="store_true", help="end each document with <eod>")
+    group = parser.add_argument_group("output data")
+    group.add_argument("--output-prefix", required=True, help="output path without suffix")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="tokenizing worker processes")
+    group.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="accepted for Megatron-LM recipes (workers must be a multiple); the workers "
+        "already share the input, and the output is the same for any value",
+    )
+    group.add_argument(
+        "--keep-sequential-samples",
+        action="store_true",
+        help="accepted for Megatron-LM recipes; documents always keep their input order",
+    )
+    group.add_argument(
+        "--log-interval", type=int, default=1000, help="documents between progress lines"
+    )
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.partitions < 1 or args.workers % args.partitions:
+        parser.error("--workers must be a positive multiple of --partitions")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the tool; returns the exit status."""
+    args = parse_args(argv)
+    punkt_parameters = None
+    if args.split_sentences:
+        from megatron_lpa.data.sentence_splitter import find_punkt_parameters, punkt_missing_warning
+
+        punkt_parameters = find_punkt_parameters(args.lang)
+        if punkt_parameters is None:
+            print(punkt_missing_warning(args.lang), file=sys.stderr)
+    config = PreprocessConfig(
+        inputs=args.input,
+        output_prefix=args.output_prefix,
+        encoder=EncoderOptions(
+            tokenizer_args=tokenizer_args(args),
+            json_keys=tuple(args.json_keys),
+            append_eod=args.append_eod,
+            split_sentences=args.split_sentences,
+            keep_newlines=args.keep_newlines,
+            punkt_parameters=punkt_parameters,
+            pile_set_names=tuple(args.pile_set_names) if args.pile_set_names else None,
+            exclude_pile_set_names=tuple(args.exclude_pile_set_names),
+        ),
+        workers=args.workers,
+        skip_bad_lines=args.skip_bad_lines,
+        log_interval=args.log_interval,
+    )
+    try:
+        summary = preprocess(config)
+    except (InputError, TokenizerConfigError, PreprocessError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130
+    print(summary.report())
+    return 0
+
+
+if __name__ == "__main__":
+    # A plain `kill` cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sys.exit(main())
