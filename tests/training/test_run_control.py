@@ -1,7 +1,9 @@
-"""pretrain_gpt.py end to end: a run killed with SIGKILL resumes to bit-identical losses, and
-SIGTERM (Slurm's pre-emption warning) with --exit-signal-handler saves and exits cleanly."""
+"""pretrain_gpt.py run control end to end: a run killed with SIGKILL resumes to bit-identical
+losses; SIGTERM (Slurm's pre-emption warning) with --exit-signal-handler saves and exits cleanly;
+non-finite steps are skipped with a warning and the run stops after N in a row."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -79,3 +81,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert f"Exiting at iteration {stopped_at}" in output
     assert int((save / "latest_checkpointed_iteration.txt").read_text()) == stopped_at
     assert (save / f"iter_{stopped_at:07d}").is_dir()
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
+    # An absurd learning rate: the first update makes the weights overflow.
+    run, log = start(tmp_path, "diverging", "--train-iters", "50", "--lr", "1e30",
+                     "--clip-grad", "0", "--max-nonfinite-steps", "3")
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode != 0
+    assert output.count("non-finite loss or gradient, step skipped") == 3
+    assert "Stopping: 3 steps in a row had a non-finite loss or gradient. Lower --lr" in output
+    logged = losses(log)
+    # The third skipped step in a row stops the run before its own log line.
+    assert sum(math.isnan(loss) for loss in logged.values()) == 2
+    assert all(math.isfinite(logged[it]) for it in range(1, min(logged) + 1))
