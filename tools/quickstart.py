@@ -299,8 +299,6 @@ def compare(options: dict, ranks: dict, output: Path) -> dict:
         run_dir.mkdir(exist_ok=True)
         metrics = summarize_metrics(train(variant, flags, run_dir))
         results[variant] = {"lpa_attn_rank": ranks[variant], **metrics}
-    # Counted after training: building a model here starts a process group, which sets
-    # MASTER_ADDR/MASTER_PORT in this process's environment, and the runs must not inherit those.
     for variant, flags in variant_flags.items():
         results[variant]["parameters"] = count_parameters(flags)
     return results

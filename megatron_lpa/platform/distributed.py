@@ -27,7 +27,7 @@ def initialize_distributed(
     """Joins the torchrun world (or a world of one without torchrun) and builds megatron's groups.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR``/``MASTER_PORT`` as set by
-    torchrun. Data-parallel size is what is left: world / (TP * PP).
+    torchrun; without them, a world of one on a free local port. Data-parallel size is what is left: world / (TP * PP).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
@@ -44,10 +44,13 @@ def initialize_distributed(
         enable_cpu_support()
         backend = "gloo"
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # Without torchrun, a private port: setting MASTER_PORT here would leak into child
+        # processes (tests, tools) and make their own process groups collide with this one.
+        init_method = ("env://" if "MASTER_ADDR" in os.environ
+                       else f"tcp://127.0.0.1:{_free_port()}")
         dist.init_process_group(
             backend=backend,
+            init_method=init_method,
             rank=int(os.environ.get("RANK", "0")),
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
