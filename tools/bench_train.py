@@ -27,33 +27,19 @@ from torch.profiler import ProfilerActivity, profile
 from megatron_lpa.models.flops import training_flops_per_token
 from megatron_lpa.training.arguments import parse_args
 from megatron_lpa.training.metrics import DEFAULT_CUDA_PEAK_TFLOPS, memory_gib
+from megatron_lpa.training.presets import SHAPES, VARIANTS, model_flags
 from megatron_lpa.training.trainer import Trainer
 
-_LLAMA = ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
-          "--disable-bias-linear", "--untie-embeddings-and-output-weights"]
-
-# name -> (architecture flags, batch flags, attention rank, FFN rank for the ablations)
-SHAPES = {
-    "130m": (_LLAMA + ["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads", "12",
-                       "--ffn-hidden-size", "2048", "--seq-length", "256"],
-             ["--micro-batch-size", "64", "--global-batch-size", "64"], 128, 384),
-    "3b": (_LLAMA + ["--num-layers", "28", "--hidden-size", "3072", "--num-attention-heads", "24",
-                     "--ffn-hidden-size", "8192", "--seq-length", "2048"],
-           ["--micro-batch-size", "2", "--global-batch-size", "4"], 768, 2048),
-    # A CPU smoke shape: checks the script, says nothing about GPU speed.
-    "tiny": (_LLAMA + ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-                       "--ffn-hidden-size", "128", "--seq-length", "64"],
-             ["--micro-batch-size", "4", "--global-batch-size", "4"], 16, 32),
+# Batch flags per shape: one GPU's worth at 130M; 2 micro-batches of 2 at 3B.
+BATCHES = {
+    "130m": ["--micro-batch-size", "64", "--global-batch-size", "64"],
+    "3b": ["--micro-batch-size", "2", "--global-batch-size", "4"],
+    "tiny": ["--micro-batch-size", "4", "--global-batch-size", "4"],
 }
-VARIANTS = ("dense", "lpa", "lowrank_ffn", "lowrank_all")
 
 
 def variant_flags(shape: str, variant: str) -> list:
-    arch, batch, attn_rank, ffn_rank = SHAPES[shape]
-    ranks = {"dense": (0, 0), "lpa": (attn_rank, 0), "lowrank_ffn": (0, ffn_rank),
-             "lowrank_all": (attn_rank, ffn_rank)}[variant]
-    return arch + batch + [
-        "--lpa-attn-rank", str(ranks[0]), "--lpa-ffn-rank", str(ranks[1]),
+    return model_flags(shape, variant) + BATCHES[shape] + [
         "--mock-data", "--vocab-size", "32000", "--lr", "1e-4", "--train-iters", "1000000",
         "--eval-iters", "0", "--hidden-dropout", "0", "--attention-dropout", "0",
         "--log-interval", "1000000000",

@@ -17,13 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_lpa.training.presets import model_flags
+
 REPO = Path(__file__).resolve().parent.parent
 
-MODEL_130M = ["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads", "12",
-              "--ffn-hidden-size", "2048", "--seq-length", "256", "--swiglu",
-              "--normalization", "RMSNorm", "--position-embedding-type", "rope",
-              "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-              "--hidden-dropout", "0", "--attention-dropout", "0"]
+NO_DROPOUT = ["--hidden-dropout", "0", "--attention-dropout", "0"]
 # layout name -> (GPUs, flags)
 LAYOUTS = {
     "tp1": (1, []),
@@ -36,7 +34,7 @@ LAYOUTS = {
     "dp2": (2, ["--use-distributed-optimizer"]),
     "tp2_dp2": (4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]),
 }
-RANKS = {"dense": "0", "lpa": "128"}
+VARIANTS = ("dense", "lpa")
 
 
 def run(variant: str, layout: str, steps: int, out: Path) -> Path:
@@ -44,8 +42,8 @@ def run(variant: str, layout: str, steps: int, out: Path) -> Path:
     log = out / f"{variant}_{layout}.jsonl"
     log.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(gpus), str(REPO / "pretrain_gpt.py"), *MODEL_130M, *flags,
-           "--lpa-attn-rank", RANKS[variant], "--mock-data", "--vocab-size", "32000", "--bf16",
+           str(gpus), str(REPO / "pretrain_gpt.py"), *model_flags("130m", variant), *NO_DROPOUT,
+           *flags, "--mock-data", "--vocab-size", "32000", "--bf16",
            "--micro-batch-size", "16", "--global-batch-size", "64", "--lr", "1e-3",
            "--lr-warmup-iters", "10", "--train-iters", str(steps), "--eval-iters", "0",
            "--log-interval", "1", "--seed", "1", "--log-jsonl", str(log)]
@@ -61,7 +59,7 @@ def losses(log: Path) -> list:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
-    parser.add_argument("--variants", nargs="+", default=list(RANKS), choices=RANKS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--output-dir", default="runs/numerics")
     args = parser.parse_args()

@@ -20,21 +20,16 @@ import sys
 from pathlib import Path
 
 from megatron_lpa.data.indexed_reader import IndexedDatasetReader
+from megatron_lpa.training.presets import VARIANTS, model_flags
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The 130M LLaMA-style setting of the paper's code (d768, 12 layers, FFN 2048, seq 256, untied).
-MODEL_130M = ["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads", "12",
-              "--ffn-hidden-size", "2048", "--seq-length", "256", "--swiglu",
-              "--normalization", "RMSNorm", "--position-embedding-type", "rope",
-              "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-              "--hidden-dropout", "0", "--attention-dropout", "0"]
+NO_DROPOUT = ["--hidden-dropout", "0", "--attention-dropout", "0"]
 # Same optimiser and schedule for every variant: AdamW (0.9, 0.95), eps 1e-5, lr 1e-3 cosine to
 # 1e-4 after 10% linear warm-up, no weight decay, clip 1.0 (as the paper's training code).
 OPTIMIZER = ["--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
              "--lr-warmup-fraction", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
              "--adam-eps", "1e-5", "--weight-decay", "0.0", "--clip-grad", "1.0"]
-VARIANTS = {"dense": (0, 0), "lpa": (128, 0), "lowrank_ffn": (0, 384), "lowrank_all": (128, 384)}
 
 
 def preprocess(inputs: list, prefix: Path, tokenizer_model: str, workers: int) -> str:
@@ -78,11 +73,10 @@ def main():
                "eval_iters": eval_iters, "seed": args.seed, "runs": {}}
     print(json.dumps(summary), flush=True)
     for variant in args.variants:
-        attn_rank, ffn_rank = VARIANTS[variant]
         log = out / f"{variant}_seed{args.seed}.jsonl"
         log.unlink(missing_ok=True)
-        cmd = [sys.executable, str(REPO / "pretrain_gpt.py"), *MODEL_130M, *OPTIMIZER,
-               "--lpa-attn-rank", str(attn_rank), "--lpa-ffn-rank", str(ffn_rank),
+        cmd = [sys.executable, str(REPO / "pretrain_gpt.py"), *model_flags("130m", variant),
+               *NO_DROPOUT, *OPTIMIZER,
                "--train-data-path", train, "--valid-data-path", valid,
                "--tokenizer-type", "GPTSentencePieceTokenizer",
                "--tokenizer-model", args.tokenizer_model, "--bf16",

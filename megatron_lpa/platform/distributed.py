@@ -27,7 +27,8 @@ def initialize_distributed(
     """Joins the torchrun world (or a world of one without torchrun) and builds megatron's groups.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR``/``MASTER_PORT`` as set by
-    torchrun; without them, a world of one on a free local port. Data-parallel size is what is left: world / (TP * PP).
+    torchrun; without them, a world of one on a free local port. Data-parallel size is what is
+    left: world / (TP * PP).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
