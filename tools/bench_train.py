@@ -1,8 +1,12 @@
 """Training-step benchmark: dense vs LPA (and the low-rank ablations) at a named shape, one run.
 
     python tools/bench_train.py --shape 130m                      # one GPU, all variants
+    python tools/bench_train.py --shape 3b --variants dense,lpa --modes fast
     torchrun --nproc-per-node 4 tools/bench_train.py --shape 3b --variants dense,lpa \
         -- --tensor-model-parallel-size 4 --sequence-parallel
+
+Modes: ``baseline`` is megatron-core's own unfused path (``--no-fused-kernels``), ``fused`` adds the
+fused kernels and optimizer, ``fast`` also captures each step in a CUDA graph (``--cuda-graph``).
 
 With ``--profile``, it also prints each variant's kernels with the most device time (and their share
 of the step), so fusion candidates come from data rather than guesses.
@@ -25,10 +29,13 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from megatron_lpa.models.flops import training_flops_per_token
+from megatron_lpa.platform.distributed import destroy_distributed
 from megatron_lpa.training.arguments import parse_args
 from megatron_lpa.training.metrics import DEFAULT_CUDA_PEAK_TFLOPS, memory_gib
 from megatron_lpa.training.presets import SHAPES, VARIANTS, model_flags
 from megatron_lpa.training.trainer import Trainer
+
+MODES = {"baseline": ["--no-fused-kernels"], "fused": [], "fast": ["--cuda-graph"]}
 
 # Batch flags per shape: one GPU's worth at 130M; 2 micro-batches of 2 at 3B.
 BATCHES = {
@@ -68,6 +75,20 @@ def print_profile(trainer: Trainer, steps: int, top: int = 25) -> None:
 
 def measure(flags: list, warmup: int, steps: int, profile_steps: int) -> dict:
     trainer = Trainer(parse_args(flags))
+    try:
+        result = _time_steps(trainer, warmup, steps, profile_steps)
+    finally:
+        trainer.close(keep_process_group=True)
+        # Free this variant's model and optimizer before the next one allocates its own.
+        del trainer
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        result["left_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
+    return result
+
+
+def _time_steps(trainer: Trainer, warmup: int, steps: int, profile_steps: int) -> dict:
     cfg = trainer.cfg
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -89,24 +110,18 @@ def measure(flags: list, warmup: int, steps: int, profile_steps: int) -> dict:
     tflops = tokens_per_s * training_flops_per_token(trainer.config, cfg.seq_length) / 1e12 / world
     peak = cfg.peak_tflops_per_device or (DEFAULT_CUDA_PEAK_TFLOPS if torch.cuda.is_available()
                                           else None)
-    result = {"params_per_rank_m": params / 1e6, "step_ms": 1000 * step,
-              "step_ms_spread": 1000 * (max(times) - min(times)), "tokens_per_s": tokens_per_s,
-              "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
-              "peak_memory_gib": memory_gib()}
-    trainer.close(keep_process_group=True)
-    # Free this variant's model and optimizer before the next one allocates its own.
-    del trainer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        result["left_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
-    return result
+    return {"params_per_rank_m": params / 1e6, "step_ms": 1000 * step,
+            "step_ms_spread": 1000 * (max(times) - min(times)), "tokens_per_s": tokens_per_s,
+            "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
+            "peak_memory_gib": memory_gib()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=SHAPES, default="130m")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--modes", default="baseline,fast",
+                        help=f"comma-separated, from {list(MODES)}")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--output", default="bench_train.json")
@@ -114,28 +129,41 @@ def main():
                         help="also profile this many steps per variant (CUDA only)")
     parser.add_argument("extra", nargs="*", help="flags after -- go to every variant")
     args = parser.parse_args()
-    results = {}
-    for variant in args.variants.split(","):
-        if args.profile:
-            print(f"\n== {variant} ({args.shape})")
-        results[variant] = measure(variant_flags(args.shape, variant) + args.extra, args.warmup,
-                                   args.steps, args.profile)
+    results, failed = {}, {}
+    # Modes outside: a mode that breaks the CUDA context (say, a failed graph capture) comes last.
+    for mode in args.modes.split(","):
+        for variant in args.variants.split(","):
+            if args.profile:
+                print(f"\n== {variant}, {mode} ({args.shape})")
+            flags = variant_flags(args.shape, variant) + MODES[mode] + args.extra
+            try:
+                results[f"{variant}/{mode}"] = measure(flags, args.warmup, args.steps,
+                                                       args.profile)
+            except Exception as error:  # report it and go on with the other configurations
+                failed[f"{variant}/{mode}"] = f"{type(error).__name__}: {error}"
+                print(f"FAILED {variant}/{mode}: {failed[f'{variant}/{mode}']}", flush=True)
+                destroy_distributed(keep_process_group=True)
+    destroy_distributed()
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    dense = results.get("dense")
     print(f"\nshape {args.shape}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
-    print(f"{'variant':<12} {'params/rank':>11} {'step ms':>9} {'tokens/s':>11} {'TFLOP/s':>8} "
-          f"{'MFU':>6} {'peak GiB':>9} {'vs dense':>9}")
-    for variant, r in results.items():
-        ratio = r["step_ms"] / dense["step_ms"] if dense else float("nan")
-        r["step_vs_dense"] = ratio
+    print(f"{'variant':<12} {'mode':<9} {'params/rank':>11} {'step ms':>9} {'tokens/s':>11} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'vs dense':>9} {'vs baseline':>11}")
+    for key, r in results.items():
+        variant, mode = key.split("/")
+        dense, baseline = results.get(f"dense/{mode}"), results.get(f"{variant}/baseline")
+        r["step_vs_dense"] = r["step_ms"] / dense["step_ms"] if dense else None
+        r["step_vs_baseline"] = r["step_ms"] / baseline["step_ms"] if baseline else None
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{variant:<12} {r['params_per_rank_m']:>10.1f}M {r['step_ms']:>9.1f} "
+        ratios = [f"{x:.3f}" if x is not None else "-"
+                  for x in (r["step_vs_dense"], r["step_vs_baseline"])]
+        print(f"{variant:<12} {mode:<9} {r['params_per_rank_m']:>10.1f}M {r['step_ms']:>9.1f} "
               f"{r['tokens_per_s']:>11,.0f} {r['tflops_per_device']:>8.1f} {mfu:>6} "
-              f"{r['peak_memory_gib']:>9.1f} {ratio:>9.3f}")
+              f"{r['peak_memory_gib']:>9.1f} {ratios[0]:>9} {ratios[1]:>11}")
     with open(args.output, "w") as f:
-        json.dump({"shape": args.shape, "extra_flags": args.extra, "results": results}, f, indent=1)
+        json.dump({"shape": args.shape, "extra_flags": args.extra, "results": results,
+                   "failed": failed}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -198,6 +198,8 @@ class LowRankColumnParallelLinear(_LowRankBase):
         lpa_rank: r, the rank of every projection in the slot.
         projections: one of ``PROJECTIONS``.
         lpa_init: one of ``LPA_INIT_METHODS``.
+        split_output: return the projections as a list ``[s, b, out_p/t]`` each (bias added)
+            instead of interleaving them; ``LowRankSelfAttention`` takes Q, K and V this way.
     """
 
     def __init__(
@@ -210,6 +212,7 @@ class LowRankColumnParallelLinear(_LowRankBase):
         lpa_rank: int,
         projections: str = "single",
         lpa_init: str = "linear",
+        split_output: bool = False,
         bias: bool = True,
         gather_output: bool = False,
         stride: int = 1,
@@ -228,6 +231,9 @@ class LowRankColumnParallelLinear(_LowRankBase):
                             type(self).__name__)
         self.input_size, self.output_size = input_size, output_size
         self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
+        if split_output and (gather_output or skip_bias_add):
+            raise ValueError("split_output returns each projection with its bias, on this rank.")
+        self.split_output = split_output
         self.part_names, part_sizes, num_blocks = self._parts(projections, output_size, config)
         # The per-rank output interleaves the projections in `blocks_per_partition` blocks
         # (the local query groups for qkv), exactly as megatron's fused weights lay them out.
@@ -283,6 +289,13 @@ class LowRankColumnParallelLinear(_LowRankBase):
         blocks = [p.reshape(*lead, self.blocks_per_partition, -1) for p in parts]
         return torch.cat(blocks, dim=-1).reshape(*lead, self.output_size_per_partition)
 
+    def _deinterleave(self, fused: torch.Tensor) -> list:
+        """Inverse of ``_interleave``: ``[..., out/t]`` -> ``[..., out_p/t]`` per projection."""
+        lead = fused.shape[:-1]
+        blocks = fused.reshape(*lead, self.blocks_per_partition, -1).split(
+            [size // self.blocks_per_partition for size in self.part_sizes_per_partition], dim=-1)
+        return [block.reshape(*lead, -1) for block in blocks]
+
     def forward(
         self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
@@ -298,9 +311,13 @@ class LowRankColumnParallelLinear(_LowRankBase):
         elif self.tp_size > 1:
             # Identity forward; backward all-reduces the r-wide gradient of the partial head sums.
             low = copy_to_tensor_model_parallel_region(low, group=self.tp_group)
-        # [s, b, P*r] -> P x [s, b, out_p/t] -> [s, b, out/t]
+        # [s, b, P*r] -> P x [s, b, out_p/t]
         outputs = [F.linear(h, w) for h, w in zip(low.split(self.lpa_rank, dim=-1), self.up_weights())]
-        output = self._interleave(outputs)
+        if self.split_output:
+            if self.bias is not None:
+                outputs = [out + bias for out, bias in zip(outputs, self._deinterleave(self.bias))]
+            return outputs, None
+        output = self._interleave(outputs)  # -> [s, b, out/t]
         if self.bias is not None and not self.skip_bias_add:
             output = output + self.bias
         if runtime_gather_output if runtime_gather_output is not None else self.gather_output:

@@ -2,8 +2,7 @@
 
 from typing import Optional
 
-from megatron.core.models.gpt import GPTModel
-
+from megatron_lpa.models.gpt_model import LPAGPTModel
 from megatron_lpa.models.layer_spec import get_lpa_block_spec
 from megatron_lpa.models.lpa_config import LPAConfig
 
@@ -13,13 +12,13 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: Optional[int] = None,
-) -> GPTModel:
-    """megatron-core ``GPTModel`` with the LPA layer spec.
+) -> LPAGPTModel:
+    """megatron-core ``GPTModel`` (with the fused loss, ``LPAGPTModel``) and the LPA layer spec.
 
     ``pre_process``/``post_process`` say whether this pipeline stage holds the embedding / the output
     head (megatron's model-provider contract). The model's logits are vocab-parallel over TP.
     """
-    return GPTModel(
+    return LPAGPTModel(
         config=config,
         transformer_layer_spec=get_lpa_block_spec(config, vp_stage),
         vocab_size=config.vocab_size,

@@ -2,8 +2,9 @@
 
 Starts from megatron-core's local GPT layer (``get_gpt_layer_local_spec``) and swaps
 ``linear_qkv``/``linear_proj`` (attention rank) and ``linear_fc1``/``linear_fc2`` (FFN rank) for the
-low-rank layers, the norms for the sequence-parallel-capable ones and, by default, core attention for
-SDPA.
+low-rank layers (with LPA, self-attention for one that takes Q, K and V separately), the norms for
+the sequence-parallel-capable ones, by default core attention for SDPA and, with fused kernels, the
+SwiGLU activation for the fused one.
 """
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -19,6 +20,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_lpa.layers.low_rank_attention import LowRankSelfAttention
 from megatron_lpa.layers.low_rank_linear import (
     LowRankColumnParallelLinear,
     LowRankRowParallelLinear,
@@ -26,12 +28,14 @@ from megatron_lpa.layers.low_rank_linear import (
 from megatron_lpa.layers.norm import SequenceParallelNorm
 from megatron_lpa.layers.sdpa_attention import SDPAttention
 from megatron_lpa.models.lpa_config import LPAConfig
+from megatron_lpa.ops.swiglu import SwiGLU
 
 
-def _column(config: LPAConfig, rank: int, projections: str):
+def _column(config: LPAConfig, rank: int, projections: str, split_output: bool = False):
     if rank == 0:
         return ColumnParallelLinear
-    params = {"lpa_rank": rank, "projections": projections, "lpa_init": config.lpa_init}
+    params = {"lpa_rank": rank, "projections": projections, "lpa_init": config.lpa_init,
+              "split_output": split_output}
     return ModuleSpec(module=LowRankColumnParallelLinear, params=params)
 
 
@@ -46,15 +50,19 @@ def get_lpa_layer_spec(config: LPAConfig) -> ModuleSpec:
     """One transformer layer for any of the four variants of ``config``."""
     fc1_projections = "gate_up" if config.gated_linear_unit else "single"
     core_attention = SDPAttention if config.core_attention == "sdpa" else DotProductAttention
+    # LPA's Q, K and V go to attention separately, unless a query group spans TP ranks (megatron
+    # then gathers the fused layout) or an output gate rides along with them.
+    separate_qkv = (config.lpa_attn_rank > 0 and not config.attention_output_gate
+                    and config.num_query_groups >= config.tensor_model_parallel_size)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=SequenceParallelNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=LowRankSelfAttention if separate_qkv else SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=_column(config, config.lpa_attn_rank, "qkv"),
+                    linear_qkv=_column(config, config.lpa_attn_rank, "qkv", separate_qkv),
                     core_attention=core_attention,
                     linear_proj=_row(config, config.lpa_attn_rank),
                 ),
@@ -65,6 +73,7 @@ def get_lpa_layer_spec(config: LPAConfig) -> ModuleSpec:
                 module=MLP,
                 submodules=MLPSubmodules(
                     linear_fc1=_column(config, config.lpa_ffn_rank, fc1_projections),
+                    activation_func=SwiGLU if config.fused_swiglu else None,
                     linear_fc2=_row(config, config.lpa_ffn_rank),
                 ),
             ),

@@ -2,9 +2,11 @@
 
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lpa.layers.low_rank_linear import LPA_INIT_METHODS
+from megatron_lpa.ops.rope import install_megatron_rope_hook
 
 CORE_ATTENTION = ("sdpa", "local")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
@@ -47,7 +49,18 @@ class LPAConfig(TransformerConfig):
     core_attention: str = "sdpa"
     """``sdpa`` (flash/cuDNN through PyTorch SDPA) or ``local`` (megatron's, materialises scores)."""
 
+    fused_kernels: bool = True
+    """Cross-entropy, RoPE and SwiGLU through ``megatron_lpa.ops`` (the ``csrc/`` CUDA kernels when
+    built, PyTorch fallbacks otherwise); False runs megatron-core's unfused paths."""
+
     def __post_init__(self):
+        if self.fused_kernels:
+            if self.position_embedding_type == "rope":
+                # Before megatron's checks, which require the hook to be filled.
+                install_megatron_rope_hook()
+                self.apply_rope_fusion = True
+            # megatron's MLP builds the spec's activation module (our SwiGLU) only with this switch.
+            self.use_te_activation_func = self.fused_swiglu
         super().__post_init__()
         for name in ("lpa_attn_rank", "lpa_ffn_rank"):
             if getattr(self, name) < 0:
@@ -57,6 +70,11 @@ class LPAConfig(TransformerConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def fused_swiglu(self) -> bool:
+        """Whether the MLP's SwiGLU runs as one fused activation module."""
+        return self.fused_kernels and self.gated_linear_unit and self.activation_func is F.silu
 
     @property
     def variant(self) -> str:

@@ -70,13 +70,16 @@ def destroy_distributed(keep_process_group: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def set_seed(seed: int) -> None:
+def set_seed(seed: int, graph_safe: bool = False) -> None:
     """Seeds like Megatron-LM: one stream per pipeline stage, plus per-TP-rank dropout streams.
 
     Every TP rank of a stage shares the default generator, so replicated parameters are initialised
-    identically across TP ranks.
+    identically across TP ranks. ``graph_safe`` keeps the dropout streams as generators that a CUDA
+    graph can register, so replays draw fresh random numbers (needed by ``--cuda-graph``).
     """
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # force_reset: a tracker of an earlier run in this process may be of the other kind.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=graph_safe,
+                                                    force_reset_rng=True)
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(stage_seed)
     np.random.seed(stage_seed)

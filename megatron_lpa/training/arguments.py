@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
 
@@ -53,6 +54,13 @@ class TrainingConfig:
     make_vocab_size_divisible_by: int = _opt(128, "Pad the vocabulary to a multiple of this * TP.")
     core_attention: str = _opt("sdpa", "Attention kernel: PyTorch SDPA (flash) or megatron's.",
                                ("sdpa", "local"))
+    no_fused_kernels: bool = _opt(
+        False, "Run megatron-core's unfused paths (cross-entropy, RoPE, SwiGLU, foreach AdamW, "
+               "per-tensor grad norm) instead of the fused kernels; the baseline for benchmarks.")
+    cuda_graph: bool = _opt(
+        False, "Capture each step's forward and backward (all micro-batches) in one CUDA graph "
+               "after 3 eager steps and replay it (megatron-core's full-iteration graph): no host "
+               "launch overhead. GPU only; inputs must keep their shapes.")
     # LPA.
     lpa_attn_rank: int = _opt(0, "Rank r of every attention projection (0 = dense attention).")
     lpa_ffn_rank: int = _opt(0, "Rank of every FFN projection (0 = dense FFN).")
@@ -260,6 +268,9 @@ def validate(cfg: TrainingConfig, world_size: int) -> None:
                  f"--seq-length {cfg.seq_length} must be divisible by TP={tp} with "
                  "--sequence-parallel.")
     _require(not (cfg.bf16 and cfg.fp16), "choose one of --bf16 and --fp16.")
+    if cfg.cuda_graph:
+        _require(torch.cuda.is_available(), "--cuda-graph needs a GPU; leave it off on CPU.")
+        _require(not cfg.fp16, "--cuda-graph cannot replay fp16's changing loss scale; use --bf16.")
     _require(not cfg.overlap_param_gather or cfg.use_distributed_optimizer,
              "--overlap-param-gather needs --use-distributed-optimizer.")
     _validate_ranks(cfg, heads, groups, ffn)

@@ -310,7 +310,9 @@ def _get_rng_state() -> dict:
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         # Cloned: the tracker replaces, not updates, its tensors, but these are pickled later.
-        "tracker": {name: s.clone() for name, s in tracker_states.items()},
+        # Graph-safe trackers (--cuda-graph) hold generators: their state is saved instead.
+        "tracker": {name: s.get_state() if isinstance(s, torch.Generator) else s.clone()
+                    for name, s in tracker_states.items()},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -323,7 +325,13 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    current = tracker.get_states()
+    if all(isinstance(current.get(name), torch.Generator) for name in state["tracker"]):
+        for name, saved in state["tracker"].items():
+            current[name].set_state(saved)
+    else:
+        tracker.set_states(state["tracker"])
 
 
 # ---------------------------------------------------------------------------------------------

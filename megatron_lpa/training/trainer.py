@@ -3,7 +3,9 @@
 Build order: process groups and seeds -> tokenizer -> model chunk (this pipeline stage) wrapped in
 megatron's DDP -> optimizer -> LR schedule -> checkpoint -> data iterators. A step runs megatron's
 forward-backward schedule (1F1B when pipelined; gradient accumulation over micro-batches), which
-also finalises gradients (DP reduce, TP reduce of sequence-parallel grads, tied embeddings).
+also finalises gradients (DP reduce, TP reduce of sequence-parallel grads, tied embeddings). With
+``--cuda-graph`` that whole schedule is captured once in a CUDA graph (megatron-core's
+full-iteration graph) and replayed each step; the optimizer step stays outside it.
 """
 
 import math
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
+from megatron.core.full_cuda_graph import FullCudaGraphWrapper, StaticBufferLoader
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -37,8 +40,11 @@ from megatron_lpa.training.arguments import TrainingConfig
 from megatron_lpa.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lpa.training.data_loading import build_datasets, check_data, micro_batches
 from megatron_lpa.training.metrics import MetricsLogger
+from megatron_lpa.training.optimizer_kernels import use_fast_optimizer_kernels
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+# Eager steps before the graph is captured: allocator, cuBLAS and SDPA settle first.
+CUDA_GRAPH_WARMUP_STEPS = 3
 
 
 def padded_vocab_size(vocab_size: int, cfg: TrainingConfig) -> int:
@@ -71,7 +77,7 @@ def model_config(cfg: TrainingConfig, vocab_size: int) -> LPAConfig:
         max_sequence_length=cfg.max_position_embeddings or cfg.seq_length,
         position_embedding_type=cfg.position_embedding_type, rotary_base=cfg.rotary_base,
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
-        core_attention=cfg.core_attention,
+        core_attention=cfg.core_attention, fused_kernels=not cfg.no_fused_kernels,
     )
 
 
@@ -109,7 +115,14 @@ class Trainer:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         check_data(cfg)
         initialize_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
-        set_seed(cfg.seed)
+        self._default_stream = None
+        if cfg.cuda_graph:
+            # Autograd accumulates each parameter's gradient on the stream that was current when
+            # megatron's DDP made its accumulator; CUDA will not let the legacy default stream
+            # wait on a capturing stream, so the whole run moves to a side stream.
+            self._default_stream = torch.cuda.current_stream()
+            torch.cuda.set_stream(torch.cuda.Stream())
+        set_seed(cfg.seed, graph_safe=cfg.cuda_graph)
         self.tokenizer = None
         vocab = cfg.vocab_size
         if cfg.tokenizer_type:
@@ -123,6 +136,11 @@ class Trainer:
         self.state = {"iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0}
         if cfg.load:
             self._resume(cfg.load)
+        use_fast_optimizer_kernels(self.optimizer, enabled=not cfg.no_fused_kernels)
+        self.forward_backward = get_forward_backward_func()
+        if cfg.cuda_graph:
+            self.forward_backward = FullCudaGraphWrapper(self.forward_backward,
+                                                         CUDA_GRAPH_WARMUP_STEPS)
         self.train_data, self.valid_data, self.test_data = build_datasets(
             cfg, self.tokenizer, self.config.vocab_size)
         dp_rank = parallel_state.get_data_parallel_rank()
@@ -188,7 +206,7 @@ class Trainer:
 
     # ----- steps -----------------------------------------------------------------------------
     def _run_schedule(self, iterator, forward_only: bool) -> list:
-        return get_forward_backward_func()(
+        return self.forward_backward(
             forward_step_func=forward_step, data_iterator=iterator, model=self.model,
             num_microbatches=self.cfg.num_microbatches, seq_length=self.cfg.seq_length,
             micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
@@ -315,4 +333,20 @@ class Trainer:
     def close(self, keep_process_group: bool = False) -> None:
         """Closes the loggers and megatron's groups (the process group too, unless kept)."""
         self.logger.close()
+        if self.cfg.cuda_graph:
+            _forget_cuda_graphs()
+            torch.cuda.current_stream().synchronize()
+            torch.cuda.set_stream(self._default_stream)
         destroy_distributed(keep_process_group)
+
+
+def _forget_cuda_graphs() -> None:
+    """Drops the captured graphs and their static inputs.
+
+    megatron-core keeps them in class attributes of ``FullCudaGraphWrapper``, so a later Trainer in
+    the same process (``tools/bench_train.py``) would otherwise replay this one's graph.
+    """
+    FullCudaGraphWrapper.curr_iteration = {"training": 0, "validation": 0}
+    FullCudaGraphWrapper.cuda_graph = {"training": None, "validation": None}
+    FullCudaGraphWrapper.result = {"training": None, "validation": None}
+    StaticBufferLoader.static_buffers = {"training": [], "validation": []}

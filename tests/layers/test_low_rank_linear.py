@@ -87,6 +87,30 @@ def test_qkv_column_is_three_independent_pairs_in_megatron_layout(model_parallel
         torch.testing.assert_close(up.grad, module[1].weight.grad)
 
 
+def test_split_qkv_output_is_the_fused_layout_before_interleaving(model_parallel):
+    """What LowRankSelfAttention reads: q, k and v with their share of the bias, gradients too."""
+    cfg = config(add_bias_linear=True)
+    q_out, kv_out = cfg.num_attention_heads * cfg.kv_channels, cfg.num_query_groups * cfg.kv_channels
+    kwargs = dict(config=cfg, init_method=cfg.init_method, lpa_rank=R, projections="qkv", bias=True)
+    fused = LowRankColumnParallelLinear(D, q_out + 2 * kv_out, **kwargs)
+    split = LowRankColumnParallelLinear(D, q_out + 2 * kv_out, split_output=True, **kwargs)
+    with torch.no_grad():
+        fused.bias.normal_()
+    split.load_state_dict(fused.state_dict())
+    x = torch.randn(SEQ, BATCH, D)
+    (q, k, v), bias = split(x)
+    assert bias is None and q.shape[-1] == q_out and k.shape[-1] == v.shape[-1] == kv_out
+    out, _ = fused(x)
+    groups = cfg.num_query_groups
+    expected = torch.cat([t.view(SEQ, BATCH, groups, -1) for t in (q, k, v)], dim=-1)
+    torch.testing.assert_close(out, expected.view(SEQ, BATCH, -1))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.autograd.backward([q, k, v], split._deinterleave(grad))
+    for mine, theirs in zip(split.parameters(), fused.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+
+
 def test_gate_up_column_returns_megatron_glu_layout_and_bias(model_parallel):
     cfg = config(gated_linear_unit=True, add_bias_linear=True)
     ffn = 40

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU fast path in one go, on one GPU: build the csrc/ kernels, run the GPU tests, time each
+# kernel against megatron-core's path and the training step (130M and 3B, dense and LPA, baseline
+# vs fused vs CUDA graph). Logs and JSON land in OUT_DIR; the tables are printed last.
+#
+#   bash tools/gpu_fastpath_check.sh OUT_DIR [quick]     # quick: 130M only
+set -uo pipefail
+out=${1:?usage: gpu_fastpath_check.sh OUT_DIR [quick]}
+mkdir -p "$out"
+log="$out/log.txt"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+run() { echo "== $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log" | tail -"${TAIL:-12}"; }
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv >> "$log"
+start=$(date +%s)
+if ! MAX_JOBS=$(nproc) python3 setup.py build_ext --inplace > "$out/build.log" 2>&1; then
+    tail -40 "$out/build.log"; exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s" | tee -a "$log"
+TAIL=6 run python3 -m pytest -q -m gpu tests/ops tests/training/test_fast_path_gpu.py
+TAIL=10 run python3 tools/bench_kernels.py --output "$out/bench_kernels.json"
+TAIL=9 run python3 tools/bench_train.py --shape 130m --variants dense,lpa \
+    --modes baseline,fused,fast --steps 30 --warmup 8 --output "$out/bench_130m.json"
+TAIL=1 run python3 tools/bench_train.py --shape 130m --variants dense,lpa --modes fused \
+    --steps 3 --warmup 5 --profile 3 --output "$out/profile_130m.json"
+if [ "${2:-}" != quick ]; then
+    TAIL=9 run python3 tools/bench_train.py --shape 3b --variants dense,lpa \
+        --modes "${MODES_3B:-baseline,fused,fast}" --steps 8 --warmup 5 --output "$out/bench_3b.json"
+fi
+echo "total: $(( $(date +%s) - start )) s" | tee -a "$log"
