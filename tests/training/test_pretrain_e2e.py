@@ -6,6 +6,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from megatron_lpa.training.arguments import parse_args
 from tests.data.conftest import REPO, load_tool, make_documents, write_jsonl
@@ -138,6 +139,13 @@ def test_bad_config_stops_with_what_to_change(monkeypatch, case):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     with pytest.raises(SystemExit, match=re.escape(f"Configuration error: {message}")):
         parse_args(VALID + change.split())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
+def test_cuda_graph_without_a_gpu_says_so(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit, match="--cuda-graph needs a GPU; leave it off on CPU"):
+        parse_args(VALID + ["--cuda-graph"])
 
 
 # name: (data_flags arguments, the message's start)
