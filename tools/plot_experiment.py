@@ -3,7 +3,8 @@
     python tools/plot_experiment.py docs/results --tokens-per-step 65536
 
 Reads every ``<variant>_seed<n>.jsonl`` in the folder and writes ``valid_ppl_vs_tokens.png``,
-``valid_ppl_vs_time.png`` and prints a Markdown table: final validation perplexity (mean over
+``valid_ppl_vs_time.png`` (the four variants), ``valid_ppl_sweep.png`` (rank and learning-rate
+runs beside dense and LPA, if any) and prints a Markdown table: final validation perplexity (mean over
 seeds, and each seed), median tokens/s, peak memory, training time, and the time each variant needed
 to reach dense's final perplexity.
 """
@@ -40,6 +41,26 @@ def time_to_reach(records: list, target_ppl: float):
     return None
 
 
+def plot(runs: dict, variants: list, x_key: str, tokens_per_step: int, path: Path) -> None:
+    """Validation perplexity of ``variants`` (every seed) against tokens or wall-clock time."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for color, variant in enumerate(variants):
+        for seed, records in sorted(runs[variant].items()):
+            points = validation(records)
+            xs = [p[x_key] * (tokens_per_step / 1e6 if x_key == "iteration" else 1)
+                  for p in points]
+            ax.plot(xs, [p["ppl"] for p in points], label=f"{variant} seed {seed}",
+                    color=f"C{color}", linestyle="-" if seed == min(runs[variant]) else "--")
+    ax.set_xlabel("training tokens (M)" if x_key == "iteration" else "wall-clock seconds")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder")
@@ -48,31 +69,20 @@ def main():
     folder = Path(args.folder)
     runs = load_runs(folder)
     order = [v for v in ("dense", "lpa", "lowrank_ffn", "lowrank_all") if v in runs]
-
-    for x_key, name, label in (("iteration", "valid_ppl_vs_tokens.png", "training tokens (M)"),
-                               ("elapsed_s", "valid_ppl_vs_time.png", "wall-clock seconds")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for color, variant in enumerate(order):
-            for seed, records in sorted(runs[variant].items()):
-                points = validation(records)
-                xs = [p[x_key] * (args.tokens_per_step / 1e6 if x_key == "iteration" else 1)
-                      for p in points]
-                ax.plot(xs, [p["ppl"] for p in points], label=f"{variant} seed {seed}",
-                        color=f"C{color}", linestyle="-" if seed == min(runs[variant]) else "--")
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation perplexity")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=120)
-        plt.close(fig)
+    # Other runs (rank sweep <variant>_r<rank>, learning rates <variant>_lr<lr>) get their own plot.
+    extra = sorted(v for v in runs if v not in order)
+    plots = [(order, "iteration", "valid_ppl_vs_tokens.png"),
+             (order, "elapsed_s", "valid_ppl_vs_time.png")]
+    if extra:
+        plots.append((["dense", "lpa"] + extra, "iteration", "valid_ppl_sweep.png"))
+    for variants, x_key, name in plots:
+        plot(runs, variants, x_key, args.tokens_per_step, folder / name)
 
     dense_final = statistics.mean(validation(r)[-1]["ppl"] for r in runs["dense"].values())
     print("| variant | final valid ppl (mean) | per seed | tokens/s (median) | peak GiB | "
           "train time s | time to dense's final ppl |")
     print("|---|---|---|---|---|---|---|")
-    for variant in order:
+    for variant in order + extra:
         finals = {s: validation(r)[-1]["ppl"] for s, r in sorted(runs[variant].items())}
         train = [r for recs in runs[variant].values() for r in recs if r["split"] == "train"]
         speeds = [r["tokens-per-sec"] for r in train[1:]]  # the first window includes start-up

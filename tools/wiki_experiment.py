@@ -27,9 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 NO_DROPOUT = ["--hidden-dropout", "0", "--attention-dropout", "0"]
 # Same optimiser and schedule for every variant: AdamW (0.9, 0.95), eps 1e-5, lr 1e-3 cosine to
 # 1e-4 after 10% linear warm-up, no weight decay, clip 1.0 (as the paper's training code).
-OPTIMIZER = ["--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine",
+# (--lr sets the peak; the final lr is a tenth of it.)
+OPTIMIZER = ["--lr-decay-style", "cosine",
              "--lr-warmup-fraction", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
              "--adam-eps", "1e-5", "--weight-decay", "0.0", "--clip-grad", "1.0"]
+PAPER_LR = 1e-3
 
 
 def preprocess(inputs: list, prefix: Path, tokenizer_model: str, workers: int) -> str:
@@ -46,7 +48,13 @@ def main():
     parser.add_argument("--shards", nargs="+", required=True, help="train shard names (no suffix)")
     parser.add_argument("--tokenizer-model", required=True)
     parser.add_argument("--variants", nargs="+", default=["dense", "lpa"], choices=VARIANTS)
+    parser.add_argument("--attn-ranks", type=int, nargs="+",
+                        help="LPA ranks to run instead of the preset's 128 (a rank sweep); runs "
+                             "are named <variant>_r<rank>")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=PAPER_LR,
+                        help="peak learning rate; runs at another than the paper's 1e-3 are "
+                             "named <variant>_lr<lr>")
     parser.add_argument("--global-batch-size", type=int, default=512)
     parser.add_argument("--micro-batch-size", type=int, default=64)
     parser.add_argument("--eval-interval", type=int, default=25)
@@ -72,11 +80,22 @@ def main():
                "train_iters": train_iters, "tokens_per_step": tokens_per_step,
                "eval_iters": eval_iters, "seed": args.seed, "runs": {}}
     print(json.dumps(summary), flush=True)
+    runs = []  # (name, model flags)
     for variant in args.variants:
+        if args.attn_ranks and variant in ("lpa", "lowrank_all"):
+            # A later --lpa-attn-rank overrides the preset's.
+            runs += [(f"{variant}_r{rank}", model_flags("130m", variant) + ["--lpa-attn-rank",
+                                                                             str(rank)])
+                     for rank in args.attn_ranks]
+        else:
+            runs.append((variant, model_flags("130m", variant)))
+    for variant, flags in runs:
+        if args.lr != PAPER_LR:
+            variant = f"{variant}_lr{args.lr:g}"
         log = out / f"{variant}_seed{args.seed}.jsonl"
         log.unlink(missing_ok=True)
-        cmd = [sys.executable, str(REPO / "pretrain_gpt.py"), *model_flags("130m", variant),
-               *NO_DROPOUT, *OPTIMIZER,
+        cmd = [sys.executable, str(REPO / "pretrain_gpt.py"), *flags,
+               *NO_DROPOUT, *OPTIMIZER, "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
                "--train-data-path", train, "--valid-data-path", valid,
                "--tokenizer-type", "GPTSentencePieceTokenizer",
                "--tokenizer-model", args.tokenizer_model, "--bf16",
