@@ -83,9 +83,7 @@ def main():
     runs = []  # (name, model flags)
     for variant in args.variants:
         if args.attn_ranks and variant in ("lpa", "lowrank_all"):
-            # A later --lpa-attn-rank overrides the preset's.
-            runs += [(f"{variant}_r{rank}", model_flags("130m", variant) + ["--lpa-attn-rank",
-                                                                             str(rank)])
+            runs += [(f"{variant}_r{rank}", model_flags("130m", variant, attn_rank=rank))
                      for rank in args.attn_ranks]
         else:
             runs.append((variant, model_flags("130m", variant)))

@@ -1,15 +1,17 @@
 """The compiled kernels of ``csrc/`` (``megatron_lpa._C``), imported once.
 
 ``setup.py`` builds them when a CUDA build of torch and nvcc are present. Each op in this package
-asks ``kernels_for(tensor)`` and runs its PyTorch fallback (``reference.py``) when it gets None: on
-CPU tensors always, on GPU tensors only when the extension was not built (with one warning).
+calls its function on ``kernels_for(tensor)``: the extension, or its PyTorch fallback
+``reference.py`` (same names and signatures) on CPU tensors, and on GPU tensors when the extension was
+not built (with one warning).
 """
 
 import warnings
 from types import ModuleType
-from typing import Optional
 
 import torch
+
+from megatron_lpa.ops import reference
 
 try:
     from megatron_lpa import _C
@@ -20,11 +22,11 @@ HAVE_LPA_CUDA = _C is not None
 _warned = False
 
 
-def kernels_for(tensor: torch.Tensor) -> Optional[ModuleType]:
-    """The compiled kernels for a CUDA ``tensor``, or None when the PyTorch fallback must run."""
+def kernels_for(tensor: torch.Tensor) -> ModuleType:
+    """The ops for ``tensor``: the compiled kernels for a CUDA tensor, else ``reference``."""
     global _warned
     if not tensor.is_cuda:
-        return None
+        return reference
     if _C is None and not _warned:
         _warned = True
         warnings.warn(
@@ -32,4 +34,4 @@ def kernels_for(tensor: torch.Tensor) -> Optional[ModuleType]:
             "PyTorch fallbacks. Build them with `pip install --no-build-isolation -e .` on a machine "
             "with nvcc and a CUDA build of torch."
         )
-    return _C
+    return reference if _C is None else _C

@@ -11,7 +11,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_lpa.ops import reference
 from megatron_lpa.ops._ext import kernels_for
 
 
@@ -24,10 +23,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = logits.reshape(-1, vocab).contiguous()  # [s*b, v/t]
         row_labels = labels.reshape(-1).long().contiguous()  # [s*b]
         vocab_start = rank * vocab
-        kernels = kernels_for(rows)
-        stats = (reference.cross_entropy_stats if kernels is None
-                 else kernels.cross_entropy_stats)
-        row_max, sum_exp, label_logit = stats(rows, row_labels, vocab_start)
+        row_max, sum_exp, label_logit = kernels_for(rows).cross_entropy_stats(
+            rows, row_labels, vocab_start)
         if tp_size > 1:
             global_max = row_max.clone()
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
@@ -43,10 +40,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         rows, row_labels, lse = ctx.saved_tensors
         grad = grad_loss.reshape(-1).float().contiguous()
-        kernels = kernels_for(rows)
-        backward = (reference.cross_entropy_backward if kernels is None
-                    else kernels.cross_entropy_backward)
-        grad_logits = backward(rows, row_labels, lse, grad, ctx.vocab_start)
+        grad_logits = kernels_for(rows).cross_entropy_backward(rows, row_labels, lse, grad,
+                                                               ctx.vocab_start)
         return grad_logits.view(ctx.logits_shape), None, None
 
 

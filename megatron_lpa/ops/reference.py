@@ -65,14 +65,14 @@ def rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool, backward: bool
     return torch.cat((rotated, passed), dim=-1).to(t.dtype)
 
 
-def swiglu(x: torch.Tensor) -> torch.Tensor:
+def swiglu_forward(x: torch.Tensor) -> torch.Tensor:
     """``x [..., 2f] = [gate, up]`` -> ``silu(gate) * up [..., f]``."""
     gate, up = _wide(x).chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
 
 
 def swiglu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Gradient of ``swiglu`` at ``x`` for the output gradient ``grad [..., f]``."""
+    """Gradient of ``swiglu_forward`` at ``x`` for the output gradient ``grad [..., f]``."""
     gate, up = _wide(x).chunk(2, dim=-1)
     dy = _wide(grad)
     sig = torch.sigmoid(gate)

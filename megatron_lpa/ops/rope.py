@@ -8,17 +8,13 @@ megatron's unfused chunk/negate/cat/multiply/add chain, in both directions.
 
 import torch
 
-from megatron_lpa.ops import reference
 from megatron_lpa.ops._ext import kernels_for
 
 
 def _rope(t: torch.Tensor, angles: torch.Tensor, interleaved: bool, backward: bool):
-    kernels = kernels_for(t)
-    if kernels is None:
-        return reference.rope(t, angles, interleaved, backward)
-    if t.stride(-1) != 1:
+    if t.stride(-1) != 1:  # the kernel reads strided heads, but contiguous channels
         t = t.contiguous()
-    return kernels.rope(t, angles, interleaved, backward)
+    return kernels_for(t).rope(t, angles, interleaved, backward)
 
 
 class _RotaryEmbedding(torch.autograd.Function):

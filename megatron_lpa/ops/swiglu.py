@@ -9,7 +9,6 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_lpa.ops import reference
 from megatron_lpa.ops._ext import kernels_for
 
 
@@ -18,17 +17,12 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, x):
         x = x.contiguous()
         ctx.save_for_backward(x)
-        kernels = kernels_for(x)
-        return reference.swiglu(x) if kernels is None else kernels.swiglu_forward(x)
+        return kernels_for(x).swiglu_forward(x)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        grad = grad.contiguous()
-        kernels = kernels_for(x)
-        if kernels is None:
-            return reference.swiglu_backward(grad, x)
-        return kernels.swiglu_backward(grad, x)
+        return kernels_for(x).swiglu_backward(grad.contiguous(), x)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:

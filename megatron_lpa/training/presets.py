@@ -6,6 +6,7 @@ the YAML files in ``examples/configs/``.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 LLAMA_STYLE = ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
                "--disable-bias-linear", "--untie-embeddings-and-output-weights"]
@@ -40,10 +41,12 @@ SHAPES = {
 }
 
 
-def model_flags(shape: str, variant: str) -> list:
-    """Architecture and rank flags of ``variant`` (one of ``VARIANTS``) at ``shape``."""
+def model_flags(shape: str, variant: str, attn_rank: Optional[int] = None) -> list:
+    """Architecture and rank flags of ``variant`` (one of ``VARIANTS``) at ``shape``; ``attn_rank``
+    replaces the shape's attention rank in the variants that have low-rank attention."""
     size = SHAPES[shape]
-    attn_rank, ffn_rank = {"dense": (0, 0), "lpa": (size.attn_rank, 0),
+    lpa_rank = attn_rank or size.attn_rank
+    attn_rank, ffn_rank = {"dense": (0, 0), "lpa": (lpa_rank, 0),
                            "lowrank_ffn": (0, size.ffn_rank),
-                           "lowrank_all": (size.attn_rank, size.ffn_rank)}[variant]
+                           "lowrank_all": (lpa_rank, size.ffn_rank)}[variant]
     return list(size.flags) + ["--lpa-attn-rank", str(attn_rank), "--lpa-ffn-rank", str(ffn_rank)]

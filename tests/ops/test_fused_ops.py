@@ -113,3 +113,31 @@ def test_model_with_fused_ops_trains_like_megatrons_unfused_model(tmp_path):
     for (loss, grad_norm), (loss_ref, grad_norm_ref) in zip(fused, unfused):
         assert loss == pytest.approx(loss_ref, rel=1e-5)
         assert grad_norm == pytest.approx(grad_norm_ref, rel=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_kernels_switch_chooses_the_ops_the_model_runs(model_parallel, monkeypatch, fused):
+    """The equality test above cannot tell which path ran; this one checks the wiring itself."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_lpa.models.builder import build_model
+    from megatron_lpa.models.lpa_config import LPAConfig
+    from megatron_lpa.ops.swiglu import SwiGLU
+
+    config = LPAConfig(num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                       gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+                       normalization="RMSNorm", vocab_size=128, max_sequence_length=16,
+                       lpa_attn_rank=8, use_cpu_initialization=True, fused_kernels=fused)
+    model = build_model(config)
+    assert config.apply_rope_fusion is fused
+    assert isinstance(model.decoder.layers[0].mlp.activation_func, SwiGLU) is fused
+    if fused:
+        assert rope_utils.fused_apply_rotary_pos_emb is fused_apply_rotary_pos_emb
+    logits = torch.randn(4, 2, 128, requires_grad=True)
+    labels = torch.randint(0, 128, (2, 4))
+    calls = []
+    original = reference.cross_entropy_stats
+    monkeypatch.setattr(reference, "cross_entropy_stats",
+                        lambda *args: calls.append(1) or original(*args))
+    model.compute_language_model_loss(labels, logits)
+    assert bool(calls) is fused
