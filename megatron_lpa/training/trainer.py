@@ -23,6 +23,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.full_cuda_graph import FullCudaGraphWrapper, StaticBufferLoader
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import optimizer as mcore_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -220,14 +221,32 @@ class Trainer:
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         return total
 
-    def _grads_finite(self, total: torch.Tensor) -> bool:
-        """Loss and every gradient finite, agreed by all ranks (non-finite steps are skipped)."""
-        finite = torch.isfinite(total).all()
-        for buffer in self.model[0].buffers:
-            finite &= torch.isfinite(buffer.grad_data).all()
-        flag = finite.to(torch.int)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+    @torch.no_grad()
+    def _optimizer_step(self):
+        """megatron's optimizer step, skipped when the gradient norm is not finite.
+
+        Returns the gradient norm, or None for a skipped step. The norm megatron computes for
+        clipping is the check (a non-finite loss gives non-finite gradients): one pass over the
+        gradients and one host sync; every rank gets the same norm (reduced over the model- and,
+        with the distributed optimizer, data-parallel ranks). With fp16, megatron's loss scaler
+        also skips (and lowers its scale) when the scaled gradients overflow.
+        """
+        optimizer = self.optimizer
+        if optimizer.prepare_grads():
+            return None
+        grad_norm = optimizer.get_grad_norm()
+        if not math.isfinite(grad_norm):
+            return None
+        if self.cfg.clip_grad > 0:
+            for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+                params = part.get_parameters()
+                if params:
+                    # Looked up on the module at call time: CPU support wraps it there.
+                    mcore_optimizer.clip_grad_by_total_norm_fp32(
+                        params, self.cfg.clip_grad, grad_norm,
+                        part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        optimizer.step_with_ready_grads()
+        return grad_norm
 
     def train_step(self) -> tuple:
         """One optimizer step: returns (loss sum and tokens, grad norm or None if skipped)."""
@@ -235,9 +254,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         total = self._mean_loss(self._run_schedule(self.train_iterator, forward_only=False))
-        grad_norm = None
-        if self._grads_finite(total):
-            _, grad_norm, _ = self.optimizer.step()
+        grad_norm = self._optimizer_step()
+        if grad_norm is not None:
             self.scheduler.step(increment=1)
         self.state["iteration"] += 1
         self.state["consumed_train_samples"] += self.cfg.global_batch_size
