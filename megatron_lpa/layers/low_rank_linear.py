@@ -51,7 +51,10 @@ import torch.nn.functional as F
 from torch.nn import Parameter
 
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.layers import (
+    linear_with_grad_accumulation_and_async_allreduce,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -167,6 +170,17 @@ class _LowRankBase(torch.nn.Module):
         set_tensor_model_parallel_attributes(bias, is_parallel=tp_split, dim=0, stride=1)
         setattr(bias, "allreduce", True)
         return bias
+
+    def _linear(self, input_: torch.Tensor, weight: Parameter,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``F.linear``; with ``gradient_accumulation_fusion``, megatron's linear function instead,
+        whose backward adds the weight gradient straight into ``weight.main_grad`` (fp32) rather
+        than writing a bf16 gradient for megatron's DDP to add in a second pass."""
+        if not self.config.gradient_accumulation_fusion:
+            return F.linear(input_, weight, bias)
+        return linear_with_grad_accumulation_and_async_allreduce(
+            input_, weight, bias, gradient_accumulation_fusion=True, allreduce_dgrad=False,
+            sequence_parallel=False, tp_group=self.tp_group)
 
     def backward_dw(self) -> None:
         """Delayed weight-gradient computation is not used: gradients come from autograd."""
@@ -303,7 +317,7 @@ class LowRankColumnParallelLinear(_LowRankBase):
         if weight is not None:
             raise NotImplementedError("LowRankColumnParallelLinear owns its factors; pass no weight.")
         # [s(/t), b, d] -> [s(/t), b, P*r]: one GEMM reads the input once for all projections.
-        low = F.linear(input_, self.down_weight)
+        low = self._linear(input_, self.down_weight)
         if self.sequence_parallel:
             # [s/t, b, P*r] -> [s, b, P*r]; backward reduce-scatters the r-wide gradient.
             low = gather_from_sequence_parallel_region(low, tensor_parallel_output_grad=True,
@@ -312,7 +326,8 @@ class LowRankColumnParallelLinear(_LowRankBase):
             # Identity forward; backward all-reduces the r-wide gradient of the partial head sums.
             low = copy_to_tensor_model_parallel_region(low, group=self.tp_group)
         # [s, b, P*r] -> P x [s, b, out_p/t]
-        outputs = [F.linear(h, w) for h, w in zip(low.split(self.lpa_rank, dim=-1), self.up_weights())]
+        outputs = [self._linear(h, w)
+                   for h, w in zip(low.split(self.lpa_rank, dim=-1), self.up_weights())]
         if self.split_output:
             if self.bias is not None:
                 outputs = [out + bias for out, bias in zip(outputs, self._deinterleave(self.bias))]
@@ -384,13 +399,13 @@ class LowRankRowParallelLinear(_LowRankBase):
 
     def forward(self, input_: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         # [s, b, in/t] -> [s, b, r], a partial sum over this rank's input shard.
-        low = F.linear(input_, self.down_weight)
+        low = self._linear(input_, self.down_weight)
         if self.sequence_parallel:
             low = reduce_scatter_to_sequence_parallel_region(low, group=self.tp_group)  # [s/t, b, r]
         elif self.tp_size > 1:
             low = reduce_from_tensor_model_parallel_region(low, group=self.tp_group)  # [s, b, r]
         add_bias = self.bias is not None and not self.skip_bias_add
-        output = F.linear(low, self.up_weight, self.bias if add_bias else None)  # [s(/t), b, out]
+        output = self._linear(low, self.up_weight, self.bias if add_bias else None)  # [s(/t), b, out]
         return output, self.bias if self.skip_bias_add else None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

@@ -7,6 +7,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_lpa.layers.low_rank_linear import LPA_INIT_METHODS
 from megatron_lpa.ops.rope import install_megatron_rope_hook
+from megatron_lpa.ops.wgrad_accumulation import install_megatron_wgrad_hook
 
 CORE_ATTENTION = ("sdpa", "local")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
@@ -61,6 +62,8 @@ class LPAConfig(TransformerConfig):
                 self.apply_rope_fusion = True
             # megatron's MLP builds the spec's activation module (our SwiGLU) only with this switch.
             self.use_te_activation_func = self.fused_swiglu
+        if self.gradient_accumulation_fusion:
+            install_megatron_wgrad_hook()  # megatron's linears check for it when they are built
         super().__post_init__()
         for name in ("lpa_attn_rank", "lpa_ffn_rank"):
             if getattr(self, name) < 0:

@@ -56,7 +56,8 @@ class TrainingConfig:
                                ("sdpa", "local"))
     no_fused_kernels: bool = _opt(
         False, "Run megatron-core's unfused paths (cross-entropy, RoPE, SwiGLU, foreach AdamW, "
-               "per-tensor grad norm) instead of the fused kernels; the baseline for benchmarks.")
+               "per-tensor grad norm, weight gradients added to the fp32 buffers in a second "
+               "pass) instead of the fused kernels; the baseline for benchmarks.")
     cuda_graph: bool = _opt(
         False, "Capture each step's forward and backward (all micro-batches) in one CUDA graph "
                "after 3 eager steps and replay it (megatron-core's full-iteration graph): no host "

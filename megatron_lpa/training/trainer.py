@@ -79,6 +79,8 @@ def model_config(cfg: TrainingConfig, vocab_size: int) -> LPAConfig:
         position_embedding_type=cfg.position_embedding_type, rotary_base=cfg.rotary_base,
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         core_attention=cfg.core_attention, fused_kernels=not cfg.no_fused_kernels,
+        # megatron's backward needs a GPU for it (it allocates the placeholder gradient there).
+        gradient_accumulation_fusion=not cfg.no_fused_kernels and device_type() == "cuda",
     )
 
 

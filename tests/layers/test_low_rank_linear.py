@@ -183,3 +183,44 @@ def test_rank_that_saves_nothing_warns(model_parallel):
                                  lpa_rank=D // 2 - 1, bias=False, input_is_parallel=True,
                                  skip_bias_add=True)
     assert not [w for w in caught if "at least as many" in str(w.message)]
+
+
+@pytest.mark.parametrize("slot", ["qkv", "row"])
+def test_gradient_accumulation_fusion_adds_factor_grads_into_main_grad(model_parallel, monkeypatch,
+                                                                       slot):
+    """megatron's accumulation fusion (GPU runs): each factor's gradient is added to its fp32
+    ``main_grad`` in the backward (no ``.grad``), equal to the unfused layer's gradient."""
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_lpa.ops import wgrad_accumulation
+
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", wgrad_accumulation, raising=False)
+
+    def build(fusion):
+        cfg = config(add_bias_linear=True, gradient_accumulation_fusion=fusion)
+        kwargs = dict(config=cfg, init_method=cfg.init_method, lpa_rank=R, bias=True)
+        if slot == "row":
+            return LowRankRowParallelLinear(D, 32, input_is_parallel=True, skip_bias_add=False,
+                                            **kwargs)
+        out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels
+        return LowRankColumnParallelLinear(D, out, projections="qkv", split_output=True, **kwargs)
+
+    fused, plain = build(True), build(False)
+    plain.load_state_dict(fused.state_dict())
+    factors = {name: p for name, p in fused.named_parameters() if name != "bias"}
+    before = {}
+    for name, p in factors.items():
+        p.main_grad = torch.randn(p.shape)
+        before[name] = p.main_grad.clone()
+    x = torch.randn(SEQ, BATCH, D)
+    outputs = [fused(x.clone().requires_grad_())[0], plain(x)[0]]
+    outputs = [torch.cat(o, -1) if isinstance(o, list) else o for o in outputs]
+    torch.testing.assert_close(outputs[0], outputs[1])
+    grad = torch.randn_like(outputs[0])
+    for out in outputs:
+        out.backward(grad)
+    plain_params = dict(plain.named_parameters())
+    for name, p in factors.items():
+        assert p.grad is None
+        torch.testing.assert_close(p.main_grad, before[name] + plain_params[name].grad)
+    torch.testing.assert_close(fused.bias.grad, plain.bias.grad)

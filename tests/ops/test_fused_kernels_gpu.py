@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from megatron_lpa.ops import reference
 from megatron_lpa.ops._ext import HAVE_LPA_CUDA, kernels_for
+from megatron_lpa.ops.wgrad_accumulation import wgrad_gemm_accum_fp32
 
 pytestmark = pytest.mark.gpu
 
@@ -103,3 +104,15 @@ def test_swiglu(kernels, dtype, rows, f):
     poison_allocator(rows * 2 * f * 4)
     dx = kernels.swiglu_backward(grad, x)
     assert_close(dx, reference.swiglu_backward(grad.double(), x.double()), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgrad_accumulation_into_fp32_main_grad(dtype):
+    x = torch.randn(4096, 768, device="cuda").to(dtype)  # [tokens, in]
+    dy = torch.randn(4096, 2304, device="cuda").to(dtype)  # [tokens, out]
+    main_grad = torch.randn(2304, 768, device="cuda")
+    expected = main_grad.double() + dy.double().t() @ x.double()
+    address = main_grad.data_ptr()
+    wgrad_gemm_accum_fp32(x, dy, main_grad)
+    assert main_grad.data_ptr() == address and main_grad.dtype == torch.float32
+    assert_close(main_grad, expected, 1e-5)

@@ -17,6 +17,7 @@ from megatron_lpa.ops import reference
 from megatron_lpa.ops.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lpa.ops.rope import fused_apply_rotary_pos_emb
 from megatron_lpa.ops.swiglu import swiglu
+from megatron_lpa.ops.wgrad_accumulation import wgrad_gemm_accum_fp32
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,6 +103,31 @@ def _train_losses(tmp_path, name: str, *flags: str) -> list:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     return [(r["lm loss"], r["grad-norm"]) for r in records if r["split"] == "train"]
+
+
+def test_wgrad_accumulation_adds_the_weight_gradient_into_main_grad_in_place():
+    x = torch.randn(10, 6).to(torch.bfloat16)  # [tokens, in]
+    dy = torch.randn(10, 4).to(torch.bfloat16)  # [tokens, out]
+    main_grad = torch.randn(4, 6)
+    expected = main_grad.double() + dy.double().t() @ x.double()
+    before = main_grad
+    wgrad_gemm_accum_fp32(x, dy, main_grad)
+    assert main_grad is before and main_grad.dtype == torch.float32
+    torch.testing.assert_close(main_grad.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_accumulation_fusion_hands_megatron_our_wgrad_gemm(monkeypatch):
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_lpa.models.lpa_config import LPAConfig
+    from megatron_lpa.ops import wgrad_accumulation
+
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", False)
+    monkeypatch.delattr(layers, "fused_weight_gradient_mlp_cuda", raising=False)
+    LPAConfig(num_layers=1, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+              gradient_accumulation_fusion=True)
+    assert layers._grad_accum_fusion_available
+    assert layers.fused_weight_gradient_mlp_cuda is wgrad_accumulation
 
 
 def test_model_with_fused_ops_trains_like_megatrons_unfused_model(tmp_path):

@@ -15,27 +15,35 @@ pytestmark = pytest.mark.gpu
 STEPS = 8
 
 
-def train(*flags: str) -> tuple:
-    cfg = parse_args(model_flags("tiny", "lpa") + [
+def train(variant: str, *flags: str) -> tuple:
+    cfg = parse_args(model_flags("tiny", variant) + [
         "--mock-data", "--vocab-size", "128", "--micro-batch-size", "8", "--global-batch-size",
         "16", "--lr", "3e-3", "--train-iters", "100", "--eval-iters", "0", "--bf16",
         "--hidden-dropout", "0", "--attention-dropout", "0", "--num-workers", "0", *flags])
     trainer = Trainer(cfg)
-    losses = []
+    # Fused: weight gradients go straight into megatron's fp32 buffers (its accumulation fusion).
+    assert trainer.config.gradient_accumulation_fusion is not cfg.no_fused_kernels
+    losses, grad_norms = [], []
     for _ in range(STEPS):
-        total, _ = trainer.train_step()
+        total, grad_norm = trainer.train_step()
         losses.append(float(total[0] / total[1]))
+        grad_norms.append(grad_norm)
     captured = FullCudaGraphWrapper.cuda_graph["training"] is not None
     trainer.close(keep_process_group=True)
-    return losses, captured
+    return losses, grad_norms, captured
 
 
-def test_fused_kernels_and_cuda_graph_follow_the_unfused_eager_losses():
-    unfused, _ = train("--no-fused-kernels")
-    fused, _ = train()
-    graphed, captured = train("--cuda-graph")
+@pytest.mark.parametrize("variant", ["dense", "lpa"])
+def test_fused_kernels_and_cuda_graph_follow_the_unfused_eager_losses(variant):
+    unfused, unfused_norms, _ = train(variant, "--no-fused-kernels")
+    fused, fused_norms, _ = train(variant)
+    graphed, graphed_norms, captured = train(variant, "--cuda-graph")
     assert captured, "the step was never captured in a CUDA graph"
     assert len(set(unfused)) > 1, "the loss should move"
     for step, (a, b, c) in enumerate(zip(unfused, fused, graphed)):
         assert abs(a - b) < 2e-2, f"step {step}: unfused {a} vs fused {b}"
         assert abs(b - c) < 1e-3, f"step {step}: eager {b} vs graph replay {c}"
+    # A weight gradient lost or counted twice on the way into the fp32 buffers shows in the norm.
+    for step, (a, b, c) in enumerate(zip(unfused_norms, fused_norms, graphed_norms)):
+        assert b == pytest.approx(a, rel=3e-2), f"step {step}: grad norm unfused {a} vs fused {b}"
+        assert c == pytest.approx(b, rel=1e-2), f"step {step}: grad norm eager {b} vs graph {c}"
