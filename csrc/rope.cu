@@ -11,28 +11,45 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+
 #include "lpa_ops.h"
+#include "vector_access.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
 
+// Angles of this block's position into shared memory: [cos | sin] of its rot angles.
+__device__ __forceinline__ void position_trig(const float* __restrict__ freqs, int64_t s, int rot,
+                                              float* cos_s, float* sin_s) {
+  for (int j = threadIdx.x; j < rot; j += blockDim.x) {
+    sincosf(freqs[s * rot + j], &sin_s[j], &cos_s[j]);
+  }
+  __syncthreads();
+}
+
+// Element j of a head (its partner's value `partner`, first-of-pair flag) rotated or un-rotated.
+__device__ __forceinline__ float rotate(float x, float partner, bool first, int j, int p,
+                                        const float* cos_s, const float* sin_s, bool backward) {
+  return backward ? x * cos_s[j] + (first ? partner : -partner) * sin_s[p]
+                  : x * cos_s[j] + (first ? -partner : partner) * sin_s[j];
+}
+
 // One block per (position, sample): the position's cos/sin are computed once into shared memory,
-// then the block rotates all heads of that token. (An element-per-thread version with 64-bit
-// index arithmetic and sin/cos per element ran at ~300 GB/s; see BENCHMARKS.md.)
+// then the block rotates all heads of that token, one element per thread step. The fallback for
+// layouts the vector kernel cannot read. (An element-per-thread grid with 64-bit index arithmetic
+// and sin/cos per element ran at ~300 GB/s; see BENCHMARKS.md.)
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rope_kernel(
     const T* __restrict__ t, int64_t stride_s, int64_t stride_b, int64_t stride_h,
     const float* __restrict__ freqs, int heads, int dim, int rot, bool interleaved, bool backward,
     T* __restrict__ out) {
-  extern __shared__ float trig[];  // [cos | sin] of this position's rot angles
+  extern __shared__ float trig[];
   float* cos_s = trig;
   float* sin_s = trig + rot;
   const int64_t s = blockIdx.x, b = blockIdx.y;
-  for (int j = threadIdx.x; j < rot; j += blockDim.x) {
-    sincosf(freqs[s * rot + j], &sin_s[j], &cos_s[j]);
-  }
-  __syncthreads();
+  position_trig(freqs, s, rot, cos_s, sin_s);
   const T* token = t + s * stride_s + b * stride_b;
   T* dst = out + (s * gridDim.y + b) * heads * dim;
   const int half = rot / 2;
@@ -44,11 +61,86 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(
     if (j < rot) {
       const bool first = interleaved ? (j % 2 == 0) : (j < half);
       const int p = interleaved ? (j ^ 1) : (first ? j + half : j - half);
-      const float partner = static_cast<float>(row[p]);
-      result = backward ? x * cos_s[j] + (first ? partner : -partner) * sin_s[p]
-                        : x * cos_s[j] + (first ? -partner : partner) * sin_s[j];
+      result = rotate(x, static_cast<float>(row[p]), first, j, p, cos_s, sin_s, backward);
     }
     dst[idx] = static_cast<T>(result);
+  }
+}
+
+// N consecutive angles' cos or sin from shared memory in 16-byte loads: per-element loads at a
+// stride of N floats across the warp would conflict N ways on the shared-memory banks.
+template <int N>
+__device__ __forceinline__ void load_angles(const float* src, float (&dst)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const float4 v = reinterpret_cast<const float4*>(src)[i];
+      dst[4 * i] = v.x; dst[4 * i + 1] = v.y; dst[4 * i + 2] = v.z; dst[4 * i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = src[i];
+  }
+}
+
+// The same rotation in 16-byte vectors of N elements (bf16/fp16: N = 8; fp32: 4). A block rotates `tokens` samples of one position, so the position's cos/sin are
+// computed once for all of them. A thread's unit: interleaved, one vector (N/2 whole pairs, or
+// pass-through channels); otherwise a vector of the first half with its partner vector in the
+// second half, or one pass-through vector. Needs N | rot/2 (N | rot interleaved), N | dim,
+// N | every stride and 16-byte aligned data.
+template <typename T, int N>
+__global__ void __launch_bounds__(kThreads) rope_vector_kernel(
+    const T* __restrict__ t, int64_t stride_s, int64_t stride_b, int64_t stride_h,
+    const float* __restrict__ freqs, int batch, int tokens, int heads, int dim, int rot,
+    bool interleaved, bool backward, T* __restrict__ out) {
+  extern __shared__ float4 trig4[];  // 16-byte aligned: [cos | sin]
+  float* cos_s = reinterpret_cast<float*>(trig4);
+  float* sin_s = cos_s + rot;
+  const int64_t s = blockIdx.x;
+  const int first_b = blockIdx.y * tokens;
+  const int block_tokens = min(tokens, batch - first_b);
+  position_trig(freqs, s, rot, cos_s, sin_s);
+  const int half = rot / 2;
+  const int pair_units = interleaved ? 0 : half / N;
+  const int units = interleaved ? dim / N : pair_units + (dim - rot) / N;
+  const int token_units = heads * units;
+  for (int idx = threadIdx.x; idx < block_tokens * token_units; idx += blockDim.x) {
+    const int token = idx / token_units, rest = idx - token * token_units;
+    const int h = rest / units, w = rest - h * units;
+    const int64_t b = first_b + token;
+    const T* row = t + s * stride_s + b * stride_b + h * stride_h;
+    T* out_row = out + ((s * batch + b) * heads + h) * dim;
+    float c1[N], s1[N], c2[N], s2[N];
+    if (w < pair_units) {
+      const int j = w * N;
+      load_angles<N>(cos_s + j, c1); load_angles<N>(sin_s + j, s1);
+      load_angles<N>(cos_s + j + half, c2); load_angles<N>(sin_s + j + half, s2);
+      const Vector<T, N> x1 = load_vector<T, N>(row + j), x2 = load_vector<T, N>(row + j + half);
+      Vector<T, N> o1, o2;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float a = static_cast<float>(x1.value[k]), c = static_cast<float>(x2.value[k]);
+        // forward: (a, c) -> (a cos1 - c sin1, c cos2 + a sin2); backward: its transpose.
+        o1.value[k] = static_cast<T>(backward ? a * c1[k] + c * s2[k] : a * c1[k] - c * s1[k]);
+        o2.value[k] = static_cast<T>(backward ? c * c2[k] - a * s1[k] : c * c2[k] + a * s2[k]);
+      }
+      store_vector<T, N>(out_row + j, o1);
+      store_vector<T, N>(out_row + j + half, o2);
+      continue;
+    }
+    const int j = interleaved ? w * N : rot + (w - pair_units) * N;
+    Vector<T, N> x = load_vector<T, N>(row + j);
+    if (j < rot) {  // interleaved pairs (j + k, j + k + 1) inside the vector
+      load_angles<N>(cos_s + j, c1); load_angles<N>(sin_s + j, s1);
+#pragma unroll
+      for (int k = 0; k < N; k += 2) {
+        const float a = static_cast<float>(x.value[k]), c = static_cast<float>(x.value[k + 1]);
+        x.value[k] = static_cast<T>(backward ? a * c1[k] + c * s1[k + 1] : a * c1[k] - c * s1[k]);
+        x.value[k + 1] =
+            static_cast<T>(backward ? c * c1[k + 1] - a * s1[k] : c * c1[k + 1] + a * s1[k + 1]);
+      }
+    }
+    store_vector<T, N>(out_row + j, x);
   }
 }
 
@@ -71,10 +163,26 @@ at::Tensor rope(const at::Tensor& t, const at::Tensor& freqs, bool interleaved, 
   const size_t shared = 2 * rot * sizeof(float);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "rope", [&] {
-    rope_kernel<scalar_t><<<grid, kThreads, shared, stream>>>(
-        t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), freqs.data_ptr<float>(),
-        static_cast<int>(t.size(2)), static_cast<int>(dim), static_cast<int>(rot), interleaved,
-        backward, out.data_ptr<scalar_t>());
+    constexpr int N = kVectorWidth<scalar_t>;
+    const int heads = static_cast<int>(t.size(2)), batch = static_cast<int>(t.size(1));
+    const bool vectorised = vector_aligned<scalar_t, N>(t.data_ptr(), dim) &&
+                            (interleaved ? rot : rot / 2) % N == 0 && t.stride(0) % N == 0 &&
+                            t.stride(1) % N == 0 && t.stride(2) % N == 0;
+    if (vectorised) {
+      // Enough samples per block for about 2048 vectors of work (the 130M shape has 48 per sample).
+      const int64_t per_token = heads * dim / N;
+      const int tokens = static_cast<int>(std::min<int64_t>(batch, std::max<int64_t>(1, 2048 / per_token)));
+      const dim3 vector_grid(t.size(0), (batch + tokens - 1) / tokens);
+      rope_vector_kernel<scalar_t, N><<<vector_grid, kThreads, shared, stream>>>(
+          t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), freqs.data_ptr<float>(),
+          batch, tokens, heads, static_cast<int>(dim), static_cast<int>(rot), interleaved,
+          backward, out.data_ptr<scalar_t>());
+    } else {
+      rope_kernel<scalar_t><<<grid, kThreads, shared, stream>>>(
+          t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), freqs.data_ptr<float>(),
+          heads, static_cast<int>(dim), static_cast<int>(rot), interleaved, backward,
+          out.data_ptr<scalar_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

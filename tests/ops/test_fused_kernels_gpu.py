@@ -78,9 +78,9 @@ def test_fused_cross_entropy_equals_torch_on_the_full_vocabulary():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("heads,dim,rot", [(12, 64, 64), (24, 128, 64)])
+@pytest.mark.parametrize("heads,dim,rot", [(12, 64, 64), (24, 128, 64), (3, 20, 12)])  # last: scalar
 def test_rope_on_a_strided_view_of_fused_qkv(kernels, dtype, interleaved, heads, dim, rot):
-    seq, batch = 256, 4
+    seq, batch = 64, 45  # blocks of several samples, the last one partial
     # Megatron's query: a view of the fused [q, k, v] output, last dimension contiguous.
     qkv = torch.randn(seq, batch, heads, 3 * dim, device="cuda").to(dtype)
     t = qkv[..., :dim]
