@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import statistics
 import time
 
@@ -58,17 +59,45 @@ def _sync():
         torch.cuda.synchronize()
 
 
+# Kernel families by name, so the profile says how much of the step is GEMM, attention and the rest.
+KERNEL_FAMILIES = (("attention", re.compile(r"flash|fmha|attn|sdpa|cudnn", re.I)),
+                   ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|sm90_|splitk", re.I)),
+                   ("optimizer", re.compile(r"multi_tensor|adam|l2norm", re.I)))
+GEMM_OPS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::bmm": (0, 1)}
+
+
 def print_profile(trainer: Trainer, steps: int, top: int = 25) -> None:
-    """Top kernels by total device time over ``steps`` steps."""
+    """Device time per step by kernel family, by GEMM shape (with its TFLOP/s) and top kernels."""
     _sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 record_shapes=True) as prof:
         for _ in range(steps):
             trainer.train_step()
         _sync()
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in events)
+    # Kernels only: user annotations (the optimizer's step range) would count their kernels twice.
+    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0
+               and e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False) and "#" not in e.key]
+    total = sum(e.self_device_time_total for e in kernels)
     print(f"device time per step: {total / steps / 1000:.2f} ms")
-    for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]:
+    families = {}
+    for e in kernels:
+        family = next((name for name, pattern in KERNEL_FAMILIES if pattern.search(e.key)), "other")
+        families[family] = families.get(family, 0) + e.self_device_time_total
+    print("  ".join(f"{name} {t / steps / 1000:.2f} ms ({100 * t / total:.0f}%)"
+                    for name, t in sorted(families.items(), key=lambda kv: -kv[1])))
+    print("GEMMs by shape (M x K x N, calls/step, ms/step, TFLOP/s):")
+    for e in sorted(prof.key_averages(group_by_input_shape=True),
+                    key=lambda e: e.device_time_total, reverse=True):
+        if e.key not in GEMM_OPS or not e.device_time_total:
+            continue
+        a, b = (e.input_shapes[i] for i in GEMM_OPS[e.key])
+        m, k, n = (a[-2] * (a[0] if len(a) == 3 else 1)), a[-1], b[-1]
+        tflops = 2 * m * k * n * e.count / (e.device_time_total * 1e-6) / 1e12
+        print(f"  {e.key:<11} {m:>7} x {k:>5} x {n:>5} x{e.count // steps:<4d} "
+              f"{e.device_time_total / steps / 1000:7.3f} ms {tflops:6.0f}")
+    print("top kernels:")
+    for e in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]:
         print(f"{100 * e.self_device_time_total / total:5.1f}% "
               f"{e.self_device_time_total / steps / 1000:7.3f} ms x{e.count // steps:<4d} {e.key[:100]}")
 
@@ -127,26 +156,37 @@ def main():
     parser.add_argument("--output", default="bench_train.json")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile this many steps per variant (CUDA only)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every configuration this many times, interleaved, and report "
+                             "the run with the median step time (runs differ by several percent)")
     parser.add_argument("extra", nargs="*", help="flags after -- go to every variant")
     args = parser.parse_args()
-    results, failed = {}, {}
-    # Modes outside: a mode that breaks the CUDA context (say, a failed graph capture) comes last.
-    for mode in args.modes.split(","):
-        for variant in args.variants.split(","):
-            if args.profile:
-                print(f"\n== {variant}, {mode} ({args.shape})")
-            flags = variant_flags(args.shape, variant) + MODES[mode] + args.extra
-            try:
-                results[f"{variant}/{mode}"] = measure(flags, args.warmup, args.steps,
-                                                       args.profile)
-            except Exception as error:  # report it and go on with the other configurations
-                failed[f"{variant}/{mode}"] = f"{type(error).__name__}: {error}"
-                print(f"FAILED {variant}/{mode}: {failed[f'{variant}/{mode}']}", flush=True)
-                destroy_distributed(keep_process_group=True)
+    runs, failed = {}, {}
+    for _ in range(args.repeats):
+        # Modes outside: a mode that breaks the CUDA context (a failed capture) comes last.
+        for mode in args.modes.split(","):
+            for variant in args.variants.split(","):
+                key = f"{variant}/{mode}"
+                if args.profile:
+                    print(f"\n== {variant}, {mode} ({args.shape})")
+                flags = variant_flags(args.shape, variant) + MODES[mode] + args.extra
+                try:
+                    runs.setdefault(key, []).append(
+                        measure(flags, args.warmup, args.steps, args.profile))
+                except Exception as error:  # report it and go on with the other configurations
+                    failed[key] = f"{type(error).__name__}: {error}"
+                    print(f"FAILED {key}: {failed[key]}", flush=True)
+                    destroy_distributed(keep_process_group=True)
     destroy_distributed()
+    results = {}
+    for key, rounds in runs.items():
+        rounds.sort(key=lambda r: r["step_ms"])
+        results[key] = dict(rounds[len(rounds) // 2],
+                            step_ms_runs=[round(r["step_ms"], 2) for r in rounds])
     if int(os.environ.get("RANK", "0")) != 0:
         return
     print(f"\nshape {args.shape}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"median of {args.repeats} run(s), "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
     print(f"{'variant':<12} {'mode':<9} {'params/rank':>11} {'step ms':>9} {'tokens/s':>11} "
           f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'vs dense':>9} {'vs baseline':>11}")
