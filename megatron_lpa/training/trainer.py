@@ -140,7 +140,10 @@ class Trainer:
         if cfg.load:
             self._resume(cfg.load)
         use_fast_optimizer_kernels(self.optimizer, enabled=not cfg.no_fused_kernels)
-        self.forward_backward = get_forward_backward_func()
+        # Evaluation always runs eagerly: replaying megatron's forward-only full-iteration graph
+        # gave wrong validation losses on GPU (BENCHMARKS.md), and evaluation is a small part of a run.
+        self.eager_forward_backward = get_forward_backward_func()
+        self.forward_backward = self.eager_forward_backward
         if cfg.cuda_graph:
             self.forward_backward = FullCudaGraphWrapper(self.forward_backward,
                                                          CUDA_GRAPH_WARMUP_STEPS)
@@ -209,7 +212,8 @@ class Trainer:
 
     # ----- steps -----------------------------------------------------------------------------
     def _run_schedule(self, iterator, forward_only: bool) -> list:
-        return self.forward_backward(
+        schedule = self.eager_forward_backward if forward_only else self.forward_backward
+        return schedule(
             forward_step_func=forward_step, data_iterator=iterator, model=self.model,
             num_microbatches=self.cfg.num_microbatches, seq_length=self.cfg.seq_length,
             micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)

@@ -18,8 +18,8 @@ STEPS = 8
 def train(variant: str, *flags: str) -> tuple:
     cfg = parse_args(model_flags("tiny", variant) + [
         "--mock-data", "--vocab-size", "128", "--micro-batch-size", "8", "--global-batch-size",
-        "16", "--lr", "3e-3", "--train-iters", "100", "--eval-iters", "0", "--bf16",
-        "--hidden-dropout", "0", "--attention-dropout", "0", "--num-workers", "0", *flags])
+        "16", "--lr", "3e-3", "--train-iters", "100", "--eval-iters", "5", "--eval-interval", "4",
+        "--bf16", "--hidden-dropout", "0", "--attention-dropout", "0", "--num-workers", "0", *flags])
     trainer = Trainer(cfg)
     # Fused: weight gradients go straight into megatron's fp32 buffers (its accumulation fusion).
     assert trainer.config.gradient_accumulation_fusion is not cfg.no_fused_kernels
@@ -28,6 +28,8 @@ def train(variant: str, *flags: str) -> tuple:
         total, grad_norm = trainer.train_step()
         losses.append(float(total[0] / total[1]))
         grad_norms.append(grad_norm)
+    losses.append(trainer.evaluate(trainer.valid_iterator, "validation"))  # more calls than the
+    losses.append(trainer.evaluate(trainer.valid_iterator, "validation"))  # graph's warm-up
     captured = FullCudaGraphWrapper.cuda_graph["training"] is not None
     trainer.close(keep_process_group=True)
     return losses, grad_norms, captured
@@ -40,6 +42,7 @@ def test_fused_kernels_and_cuda_graph_follow_the_unfused_eager_losses(variant):
     graphed, graphed_norms, captured = train(variant, "--cuda-graph")
     assert captured, "the step was never captured in a CUDA graph"
     assert len(set(unfused)) > 1, "the loss should move"
+    # Training losses, then two validation losses (the graph's replays once gave wrong ones).
     for step, (a, b, c) in enumerate(zip(unfused, fused, graphed)):
         assert abs(a - b) < 2e-2, f"step {step}: unfused {a} vs fused {b}"
         assert abs(b - c) < 1e-3, f"step {step}: eager {b} vs graph replay {c}"
