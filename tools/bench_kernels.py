@@ -4,16 +4,17 @@
 
 Shapes are one micro-batch of the 130M (seq 256 x 64) and 3B (seq 2048 x 2) benchmark models.
 "Megatron" is megatron-core 0.16.1's own unfused path in bf16: ``vocab_parallel_cross_entropy``,
-``_apply_rotary_pos_emb_bshd`` (rotate_half) and the MLP's chunk/silu/multiply. Times are the median
-of CUDA-event timings over rotating input sets; GB/s counts the fewest bytes the op must move.
+``_apply_rotary_pos_emb_bshd`` (rotate_half) and the MLP's chunk/silu/multiply. Times are device time
+(the kernels' durations from the profiler, mean over rotating input sets); GB/s counts the fewest
+bytes the op must move.
 """
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
@@ -28,19 +29,21 @@ VOCAB = 32000
 BF16 = 2
 
 
-def time_ms(fn, inputs: list, repeats: int = 30) -> float:
-    """Median time of ``fn(*inputs[i % len(inputs)])`` (CUDA events, after warm-up)."""
+def device_ms(fn, inputs: list, repeats: int = 20) -> float:
+    """Mean device time of ``fn(*inputs[i % len(inputs)])``: its kernels' durations as the profiler
+    records them, summed. That is what the op costs inside a CUDA-graphed training step; the host's
+    launch overhead, which exceeds the kernels at these sizes when timed call by call, is left out."""
     for i in range(3):
         fn(*inputs[i % len(inputs)])
-    times = []
-    for i in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*inputs[i % len(inputs)])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(repeats):
+            fn(*inputs[i % len(inputs)])
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)]
+    return sum(e.self_device_time_total for e in kernels) / repeats / 1000
 
 
 def forward_backward(op):
@@ -112,7 +115,7 @@ def main():
     for shape in args.shapes:
         for name, case in CASES.items():
             inputs, ops, min_bytes = case(SHAPES[shape])
-            times = {impl: time_ms(forward_backward(op),
+            times = {impl: device_ms(forward_backward(op),
                                    [(x, grad, *rest) for x, grad, *rest in inputs])
                      for impl, op in ops.items()}
             rows.append({"shape": shape, "op": name, "megatron_ms": times["megatron"],
@@ -120,7 +123,7 @@ def main():
                          "fused_gb_s": min_bytes / times["fused"] / 1e6})
             del inputs
             torch.cuda.empty_cache()
-    print(f"{torch.cuda.get_device_name()}, bf16, forward + backward, median ms")
+    print(f"{torch.cuda.get_device_name()}, bf16, forward + backward, device ms")
     print(f"{'shape':<6} {'op':<14} {'megatron':>9} {'fused':>8} {'speed-up':>9} {'fused GB/s':>11}")
     for r in rows:
         print(f"{r['shape']:<6} {r['op']:<14} {r['megatron_ms']:>9.3f} {r['fused_ms']:>8.3f} "
