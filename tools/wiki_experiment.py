@@ -10,6 +10,9 @@ with pretrain_gpt.py on the same data, schedule and seed, writing ``<variant>_se
 (every log record with elapsed time) and ``summary.json``. ``tools/plot_experiment.py`` turns the
 records of several calls into curves and a table. With all eight shards and a larger
 ``--global-batch-size`` the same script runs the comparison at full scale on any GPU.
+
+Flags after ``--`` go to every run, and ``--tag`` names those runs ``<variant>_<tag>``: the same
+data with megatron-core's unfused path, for instance (``--tag unfused -- --no-fused-kernels``).
 """
 
 import argparse
@@ -35,6 +38,9 @@ PAPER_LR = 1e-3
 
 
 def preprocess(inputs: list, prefix: Path, tokenizer_model: str, workers: int) -> str:
+    """Tokenised dataset prefix; a dataset already in the output directory is reused."""
+    if Path(f"{prefix}_text_document.idx").exists():
+        return f"{prefix}_text_document"
     subprocess.run([sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", *inputs,
                     "--output-prefix", str(prefix), "--tokenizer-type", "GPTSentencePieceTokenizer",
                     "--tokenizer-model", tokenizer_model, "--append-eod", "--workers", str(workers)],
@@ -60,6 +66,8 @@ def main():
     parser.add_argument("--eval-interval", type=int, default=25)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--output-dir", default="runs/wiki")
+    parser.add_argument("--tag", help="suffix of the run names (with flags after --)")
+    parser.add_argument("extra", nargs="*", help="flags after -- go to every run")
     args = parser.parse_args()
 
     out = Path(args.output_dir)
@@ -90,6 +98,8 @@ def main():
     for variant, flags in runs:
         if args.lr != PAPER_LR:
             variant = f"{variant}_lr{args.lr:g}"
+        if args.tag:
+            variant = f"{variant}_{args.tag}"
         log = out / f"{variant}_seed{args.seed}.jsonl"
         log.unlink(missing_ok=True)
         cmd = [sys.executable, str(REPO / "pretrain_gpt.py"), *flags,
@@ -101,7 +111,7 @@ def main():
                "--global-batch-size", str(args.global_batch_size),
                "--train-iters", str(train_iters), "--eval-interval", str(args.eval_interval),
                "--eval-iters", str(eval_iters), "--log-interval", "5", "--seed", str(args.seed),
-               "--data-cache-path", str(out / "data/cache"), "--log-jsonl", str(log)]
+               "--data-cache-path", str(out / "data/cache"), "--log-jsonl", str(log), *args.extra]
         subprocess.run(cmd, check=True)
         summary["runs"][variant] = str(log)
     (out / f"summary_seed{args.seed}.json").write_text(json.dumps(summary, indent=1))
