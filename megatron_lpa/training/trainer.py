@@ -141,7 +141,8 @@ class Trainer:
             self._resume(cfg.load)
         use_fast_optimizer_kernels(self.optimizer, enabled=not cfg.no_fused_kernels)
         # Evaluation always runs eagerly: replaying megatron's forward-only full-iteration graph
-        # gave wrong validation losses on GPU (BENCHMARKS.md), and evaluation is a small part of a run.
+        # gave wrong validation losses on GPU (BENCHMARKS.md; the likely cause is in
+        # _run_schedule), and evaluation is a small part of a run.
         self.eager_forward_backward = get_forward_backward_func()
         self.forward_backward = self.eager_forward_backward
         if cfg.cuda_graph:
@@ -213,6 +214,12 @@ class Trainer:
     # ----- steps -----------------------------------------------------------------------------
     def _run_schedule(self, iterator, forward_only: bool) -> list:
         schedule = self.eager_forward_backward if forward_only else self.forward_backward
+        if isinstance(schedule, FullCudaGraphWrapper):
+            # megatron's StaticBufferLoader copies the next batch into the graph's input buffers on
+            # its own stream without waiting for the last replay, which may still be reading them.
+            # Training steps happen to be separated by a host sync (the grad norm); this orders the
+            # copy after the replay regardless. (Back-to-back validation replays had no sync.)
+            schedule.static_loader.stream.wait_stream(torch.cuda.current_stream())
         return schedule(
             forward_step_func=forward_step, data_iterator=iterator, model=self.model,
             num_microbatches=self.cfg.num_microbatches, seq_length=self.cfg.seq_length,
