@@ -25,6 +25,8 @@ def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
     sources, destinations = tensor_lists
     if all(src is dst for src, dst in zip(sources, destinations)):
         torch._foreach_mul_(destinations, scale)
+    elif scale == 1.0:  # megatron's main-to-model parameter copy: no scaled temporaries needed
+        torch._foreach_copy_(destinations, sources)
     else:
         torch._foreach_copy_(destinations, torch._foreach_mul(sources, scale))
 

@@ -32,6 +32,12 @@ def test_foreach_grad_norm_and_scale_match_megatrons_fallbacks():
     clip_grads.multi_tensor_scale_impl(2048, None, [scaled, scaled], 0.5)
     for g, s in zip(grads, scaled):
         torch.testing.assert_close(s, g * 0.5)
+    # megatron copies fp32 main parameters to the fp16 model's with scale 1 (and scales copies too).
+    for scale in (1.0, 0.25):
+        copies = [torch.full_like(g, float("nan"), dtype=torch.float16) for g in grads]
+        clip_grads.multi_tensor_scale_impl(2048, None, [grads, copies], scale)
+        for g, c in zip(grads, copies):
+            torch.testing.assert_close(c, (g * scale).half())
     use_fast_optimizer_kernels(_megatron_like([torch.nn.Parameter(torch.zeros(1))]), enabled=False)
     assert clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm
 
