@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
+from bench_train import kernel_events
 from megatron_lpa.ops.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lpa.ops.rope import fused_apply_rotary_pos_emb
 from megatron_lpa.ops.swiglu import swiglu
@@ -40,10 +41,7 @@ def device_ms(fn, inputs: list, repeats: int = 20) -> float:
         for i in range(repeats):
             fn(*inputs[i % len(inputs)])
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages()
-               if e.device_type == torch.autograd.DeviceType.CUDA
-               and not getattr(e, "is_user_annotation", False)]
-    return sum(e.self_device_time_total for e in kernels) / repeats / 1000
+    return sum(e.self_device_time_total for e in kernel_events(prof)) / repeats / 1000
 
 
 def forward_backward(op):

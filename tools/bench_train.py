@@ -66,6 +66,14 @@ KERNEL_FAMILIES = (("attention", re.compile(r"flash|fmha|attn|sdpa|cudnn", re.I)
 GEMM_OPS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::bmm": (0, 1)}
 
 
+def kernel_events(prof) -> list:
+    """The profile's kernels with device time, averaged by name; not the user annotations (the
+    optimizer's step range), which would count their kernels twice."""
+    return [e for e in prof.key_averages() if e.self_device_time_total > 0
+            and e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False) and "#" not in e.key]
+
+
 def print_profile(trainer: Trainer, steps: int, top: int = 25) -> None:
     """Device time per step by kernel family, by GEMM shape (with its TFLOP/s) and top kernels."""
     _sync()
@@ -74,10 +82,7 @@ def print_profile(trainer: Trainer, steps: int, top: int = 25) -> None:
         for _ in range(steps):
             trainer.train_step()
         _sync()
-    # Kernels only: user annotations (the optimizer's step range) would count their kernels twice.
-    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0
-               and e.device_type == torch.autograd.DeviceType.CUDA
-               and not getattr(e, "is_user_annotation", False) and "#" not in e.key]
+    kernels = kernel_events(prof)
     total = sum(e.self_device_time_total for e in kernels)
     print(f"device time per step: {total / steps / 1000:.2f} ms")
     families = {}
