@@ -140,11 +140,7 @@ class Trainer:
         if cfg.load:
             self._resume(cfg.load)
         use_fast_optimizer_kernels(self.optimizer, enabled=not cfg.no_fused_kernels)
-        # Evaluation always runs eagerly: replaying megatron's forward-only full-iteration graph
-        # gave wrong validation losses on GPU (BENCHMARKS.md; the likely cause is in
-        # _run_schedule), and evaluation is a small part of a run.
-        self.eager_forward_backward = get_forward_backward_func()
-        self.forward_backward = self.eager_forward_backward
+        self.forward_backward = get_forward_backward_func()
         if cfg.cuda_graph:
             self.forward_backward = FullCudaGraphWrapper(self.forward_backward,
                                                          CUDA_GRAPH_WARMUP_STEPS)
@@ -213,14 +209,13 @@ class Trainer:
 
     # ----- steps -----------------------------------------------------------------------------
     def _run_schedule(self, iterator, forward_only: bool) -> list:
-        schedule = self.eager_forward_backward if forward_only else self.forward_backward
-        if isinstance(schedule, FullCudaGraphWrapper):
+        if isinstance(self.forward_backward, FullCudaGraphWrapper):
             # megatron's StaticBufferLoader copies the next batch into the graph's input buffers on
-            # its own stream without waiting for the last replay, which may still be reading them.
-            # Training steps happen to be separated by a host sync (the grad norm); this orders the
-            # copy after the replay regardless. (Back-to-back validation replays had no sync.)
-            schedule.static_loader.stream.wait_stream(torch.cuda.current_stream())
-        return schedule(
+            # its own stream without waiting for the last replay, which may still be reading them:
+            # back-to-back validation replays read one batch's tokens against the next one's labels
+            # (BENCHMARKS.md). Order the copy after everything queued so far.
+            self.forward_backward.static_loader.stream.wait_stream(torch.cuda.current_stream())
+        return self.forward_backward(
             forward_step_func=forward_step, data_iterator=iterator, model=self.model,
             num_microbatches=self.cfg.num_microbatches, seq_length=self.cfg.seq_length,
             micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
