@@ -122,6 +122,27 @@ def measure(flags: list, warmup: int, steps: int, profile_steps: int) -> dict:
     return result
 
 
+def _step_times(trainer: Trainer, steps: int) -> list:
+    """Seconds per step with the steps queued back to back, as in training (the host runs ahead
+    of the device): on GPU the time between the ends of consecutive steps on the device's stream,
+    on CPU the wall time of each step."""
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            trainer.train_step()
+            times.append(time.perf_counter() - start)
+        return times
+    _sync()
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    ends[0].record()
+    for end in ends[1:]:
+        trainer.train_step()
+        end.record()
+    _sync()
+    return [start.elapsed_time(end) / 1000 for start, end in zip(ends, ends[1:])]
+
+
 def _time_steps(trainer: Trainer, warmup: int, steps: int, profile_steps: int) -> dict:
     cfg = trainer.cfg
     if torch.cuda.is_available():
@@ -130,13 +151,7 @@ def _time_steps(trainer: Trainer, warmup: int, steps: int, profile_steps: int) -
         trainer.train_step()
     if profile_steps:
         print_profile(trainer, profile_steps)
-    times = []
-    for _ in range(steps):
-        _sync()
-        start = time.perf_counter()
-        trainer.train_step()
-        _sync()
-        times.append(time.perf_counter() - start)
+    times = _step_times(trainer, steps)
     step = statistics.median(times)
     world = dist.get_world_size()
     params = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())

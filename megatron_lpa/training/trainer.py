@@ -5,12 +5,16 @@ megatron's DDP -> optimizer -> LR schedule -> checkpoint -> data iterators. A st
 forward-backward schedule (1F1B when pipelined; gradient accumulation over micro-batches), which
 also finalises gradients (DP reduce, TP reduce of sequence-parallel grads, tied embeddings). With
 ``--cuda-graph`` that whole schedule is captured once in a CUDA graph (megatron-core's
-full-iteration graph) and replayed each step; the optimizer step stays outside it.
+full-iteration graph) and replayed each step; the optimizer step stays outside it. Nothing in a
+step waits for the device (with the fused kernels the optimizer decides clipping and skipping on
+the device too), so the host queues step t+1 while the GPU runs step t and reads each step's loss
+and gradient norm a step late.
 """
 
 import math
 import signal
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -41,7 +45,8 @@ from megatron_lpa.training.arguments import TrainingConfig
 from megatron_lpa.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lpa.training.data_loading import build_datasets, check_data, micro_batches
 from megatron_lpa.training.metrics import MetricsLogger
-from megatron_lpa.training.optimizer_kernels import use_fast_optimizer_kernels
+from megatron_lpa.training.optimizer_kernels import (step_without_host_sync,
+                                                       use_fast_optimizer_kernels)
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 # Eager steps before the graph is captured: allocator, cuBLAS and SDPA settle first.
@@ -230,44 +235,53 @@ class Trainer:
         return total
 
     @torch.no_grad()
-    def _optimizer_step(self):
+    def _optimizer_step(self) -> tuple:
         """megatron's optimizer step, skipped when the gradient norm is not finite.
 
-        Returns the gradient norm, or None for a skipped step. The norm megatron computes for
-        clipping is the check (a non-finite loss gives non-finite gradients): one pass over the
-        gradients and one host sync; every rank gets the same norm (reduced over the model- and,
-        with the distributed optimizer, data-parallel ranks). With fp16, megatron's loss scaler
-        also skips (and lowers its scale) when the scaled gradients overflow.
+        Returns the gradient norm and whether the step was skipped, 0-dim tensors on the device.
+        The norm megatron computes for clipping is the check (a non-finite loss gives non-finite
+        gradients); every rank gets the same norm. With the fused kernels nothing here waits for
+        the device (``step_without_host_sync``); megatron's own path (``--no-fused-kernels``)
+        reads the norm on the host, as megatron does. With fp16, megatron's loss scaler also skips
+        (and lowers its scale) when the scaled gradients overflow.
         """
-        optimizer = self.optimizer
+        optimizer, device = self.optimizer, device_type()
         if optimizer.prepare_grads():
-            return None
+            return (torch.full((), math.nan, device=device),
+                    torch.ones((), dtype=torch.bool, device=device))
+        if not self.cfg.no_fused_kernels:
+            return step_without_host_sync(optimizer, self.cfg.clip_grad)
         grad_norm = optimizer.get_grad_norm()
-        if not math.isfinite(grad_norm):
-            return None
-        if self.cfg.clip_grad > 0:
-            for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-                params = part.get_parameters()
-                if params:
-                    # Looked up on the module at call time: CPU support wraps it there.
-                    mcore_optimizer.clip_grad_by_total_norm_fp32(
-                        params, self.cfg.clip_grad, grad_norm,
-                        part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
-        optimizer.step_with_ready_grads()
-        return grad_norm
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            if self.cfg.clip_grad > 0:
+                for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+                    params = part.get_parameters()
+                    if params:
+                        # Looked up on the module at call time: CPU support wraps it there.
+                        mcore_optimizer.clip_grad_by_total_norm_fp32(
+                            params, self.cfg.clip_grad, grad_norm,
+                            part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+            optimizer.step_with_ready_grads()
+        return (torch.full((), grad_norm, device=device),
+                torch.full((), skipped, dtype=torch.bool, device=device))
 
-    def train_step(self) -> tuple:
-        """One optimizer step: returns (loss sum and tokens, grad norm or None if skipped)."""
+    def train_step(self) -> torch.Tensor:
+        """Queues one optimizer step without waiting for the device.
+
+        Returns ``[loss sum, tokens, grad norm, skipped]`` (fp32, on the device; the loss summed
+        over micro-batches and DP ranks). The LR schedule follows the iteration count, skipped
+        steps included: whether a step was skipped is only known on the device.
+        """
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         total = self._mean_loss(self._run_schedule(self.train_iterator, forward_only=False))
-        grad_norm = self._optimizer_step()
-        if grad_norm is not None:
-            self.scheduler.step(increment=1)
+        grad_norm, skipped = self._optimizer_step()
+        self.scheduler.step(increment=1)
         self.state["iteration"] += 1
         self.state["consumed_train_samples"] += self.cfg.global_batch_size
-        return total, grad_norm
+        return torch.cat([total.float(), grad_norm.reshape(1).float(), skipped.reshape(1).float()])
 
     @torch.no_grad()
     def evaluate(self, iterator, split: str) -> float:
@@ -288,42 +302,40 @@ class Trainer:
 
     # ----- loop ------------------------------------------------------------------------------
     def train(self) -> None:
-        cfg, start = self.cfg, time.time()
-        window_loss, window_steps, nonfinite, skipped = torch.zeros(2), 0, 0, 0
-        window_start = time.time()
+        """Steps until ``--train-iters``, an exit condition or too many non-finite steps.
+
+        The host reads a step's statistics one step late (``_StepReadout``), so it queues step
+        ``t + 1`` while the device still runs step ``t``; steps that log, evaluate, save or exit
+        are read at once.
+        """
+        cfg = self.cfg
+        self._start, self._nonfinite, self._window = time.time(), 0, _LogWindow()
+        lagging = None
         while self.state["iteration"] < cfg.train_iters:
-            total, grad_norm = self.train_step()
+            stats = self.train_step()
             iteration = self.state["iteration"]
-            if grad_norm is None:
-                nonfinite, skipped = nonfinite + 1, skipped + 1
-                if self.logger.enabled:
-                    print(f"WARNING: iteration {iteration}: non-finite loss or gradient, step "
-                          f"skipped ({nonfinite} in a row).", flush=True)
-                if nonfinite >= cfg.max_nonfinite_steps:
-                    raise SystemExit(
-                        f"Stopping: {nonfinite} steps in a row had a non-finite loss or gradient. "
-                        "Lower --lr, raise --lr-warmup-iters, use --bf16 instead of --fp16, or "
-                        "resume from an earlier checkpoint.")
-            else:
-                nonfinite = 0
-                window_loss += total.cpu()
-            window_steps += 1
-            if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
-                if device_type() == "cuda":
-                    torch.cuda.synchronize()
-                step_seconds = (time.time() - window_start) / window_steps
-                loss = float(window_loss[0] / window_loss[1]) if window_loss[1] > 0 else float("nan")
-                if parallel_state.is_pipeline_last_stage():
-                    self.logger.log_train(iteration, loss, self.scheduler.get_lr(
-                        self.optimizer.param_groups[0]), grad_norm, step_seconds, skipped)
-                window_loss, window_steps, skipped = torch.zeros(2), 0, 0
-                window_start = time.time()
-            if self.valid_iterator and cfg.eval_iters and iteration % cfg.eval_interval == 0:
+            exit_flag = self._exit_flag()
+            readout = _StepReadout(iteration, stats if exit_flag is None
+                                   else torch.cat([stats, exit_flag]))
+            stop = bool(cfg.exit_interval) and iteration % cfg.exit_interval == 0
+            if lagging is not None:
+                stop |= self._account(lagging)
+            lagging = readout
+            evaluate = bool(self.valid_iterator and cfg.eval_iters
+                            and iteration % cfg.eval_interval == 0)
+            save = bool(cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0)
+            if stop or evaluate or save or self._logs_at(iteration):
+                stop |= self._account(lagging)
+                lagging = None
+            if evaluate:
                 self.evaluate(self.valid_iterator, "validation")
-            if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
+            if save:
                 self.save()
-            if self._should_exit(start):
-                if cfg.save:
+            if stop:
+                if self.logger.enabled:
+                    print(f"Exiting at iteration {iteration} (signal, time or exit interval).",
+                          flush=True)
+                if cfg.save and not save:
                     self.save()
                 return
         if self.valid_iterator and cfg.eval_iters and self.state["iteration"] % cfg.eval_interval:
@@ -334,19 +346,54 @@ class Trainer:
         if cfg.save and self._saved_at != self.state["iteration"]:
             self.save()
 
-    def _should_exit(self, start: float) -> bool:
-        """SIGTERM, wall-time or step-interval exits, agreed by all ranks."""
-        cfg, iteration = self.cfg, self.state["iteration"]
-        stop = self._signal_received
-        if cfg.exit_duration_in_mins is not None:
-            stop |= (time.time() - start) / 60 > cfg.exit_duration_in_mins
-        if cfg.exit_interval:
-            stop |= iteration % cfg.exit_interval == 0
-        flag = torch.tensor(int(stop), device=device_type())
+    def _logs_at(self, iteration: int) -> bool:
+        return iteration % self.cfg.log_interval == 0 or iteration == self.cfg.train_iters
+
+    def _account(self, readout: "_StepReadout") -> bool:
+        """Waits for ``readout``'s step; counts it into the log window, warns about a skipped
+        step (stopping after ``--max-nonfinite-steps`` in a row) and logs at log steps.
+        Returns whether any rank asked to exit at that step."""
+        cfg, window = self.cfg, self._window
+        values = readout.read()
+        loss_sum, tokens, grad_norm, skipped = values[:4]
+        iteration = readout.iteration
+        window.steps += 1
+        if skipped:
+            self._nonfinite, window.skipped = self._nonfinite + 1, window.skipped + 1
+            if self.logger.enabled:
+                print(f"WARNING: iteration {iteration}: non-finite loss or gradient, step "
+                      f"skipped ({self._nonfinite} in a row).", flush=True)
+            if self._nonfinite >= cfg.max_nonfinite_steps:
+                raise SystemExit(
+                    f"Stopping: {self._nonfinite} steps in a row had a non-finite loss or "
+                    "gradient. Lower --lr, raise --lr-warmup-iters, use --bf16 instead of --fp16, "
+                    "or resume from an earlier checkpoint.")
+        else:
+            self._nonfinite = 0
+            window.loss_sum, window.tokens = window.loss_sum + loss_sum, window.tokens + tokens
+        if self._logs_at(iteration):
+            if device_type() == "cuda":
+                torch.cuda.synchronize()
+            step_seconds = (time.time() - window.start) / window.steps
+            loss = window.loss_sum / window.tokens if window.tokens > 0 else float("nan")
+            if parallel_state.is_pipeline_last_stage():
+                self.logger.log_train(
+                    iteration, loss, self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                    None if skipped else grad_norm, step_seconds, window.skipped)
+            self._window = _LogWindow()
+        return len(values) > 4 and values[4] > 0
+
+    def _exit_flag(self):
+        """``[1]`` on the device, 1.0 on every rank once any rank got SIGTERM or ran past
+        ``--exit-duration-in-mins`` (queued, read with the step); None when neither is asked for."""
+        cfg = self.cfg
+        if not (cfg.exit_signal_handler or cfg.exit_duration_in_mins is not None):
+            return None
+        stop = self._signal_received or (cfg.exit_duration_in_mins is not None and
+                                         (time.time() - self._start) / 60 > cfg.exit_duration_in_mins)
+        flag = torch.full((1,), float(stop), device=device_type())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.logger.enabled:
-            print(f"Exiting at iteration {iteration} (signal, time or exit interval).", flush=True)
-        return bool(flag.item())
+        return flag
 
     def _on_sigterm(self, signum, frame) -> None:
         self._signal_received = True
@@ -364,6 +411,40 @@ class Trainer:
             torch.cuda.current_stream().synchronize()
             torch.cuda.set_stream(self._default_stream)
         destroy_distributed(keep_process_group)
+
+
+@dataclass
+class _LogWindow:
+    """What the next log line averages: the steps since the last one."""
+
+    loss_sum: float = 0.0
+    tokens: float = 0.0
+    steps: int = 0
+    skipped: int = 0
+    start: float = field(default_factory=time.time)
+
+
+class _StepReadout:
+    """One step's statistics on their way to the host.
+
+    The copy is queued right behind the step, so ``read`` waits for that step only, not for the
+    steps queued after it (``.item()`` or ``.cpu()`` would wait for everything queued so far).
+    """
+
+    def __init__(self, iteration: int, stats: torch.Tensor):
+        self.iteration, self.ready = iteration, None
+        if stats.is_cuda:
+            self.values = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            self.values.copy_(stats, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.values = stats
+
+    def read(self) -> list:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.values.tolist()
 
 
 def _forget_cuda_graphs() -> None:

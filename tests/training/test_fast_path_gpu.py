@@ -25,8 +25,9 @@ def train(variant: str, *flags: str) -> tuple:
     assert trainer.config.gradient_accumulation_fusion is not cfg.no_fused_kernels
     losses, grad_norms = [], []
     for _ in range(STEPS):
-        total, grad_norm = trainer.train_step()
-        losses.append(float(total[0] / total[1]))
+        loss_sum, tokens, grad_norm, skipped = trainer.train_step().tolist()
+        assert not skipped
+        losses.append(loss_sum / tokens)
         grad_norms.append(grad_norm)
     # Ten validation calls: three eager, the capture, then back-to-back replays.
     losses.append(trainer.evaluate(trainer.valid_iterator, "validation"))
@@ -52,3 +53,23 @@ def test_fused_kernels_and_cuda_graph_follow_the_unfused_eager_losses(variant):
     for step, (a, b, c) in enumerate(zip(unfused_norms, fused_norms, graphed_norms)):
         assert b == pytest.approx(a, rel=3e-2), f"step {step}: grad norm unfused {a} vs fused {b}"
         assert c == pytest.approx(b, rel=1e-2), f"step {step}: grad norm eager {b} vs graph {c}"
+
+
+@pytest.mark.parametrize("flags", [(), ("--cuda-graph",)], ids=["eager", "graph"])
+def test_a_training_step_is_queued_without_waiting_for_the_device(flags):
+    """No host sync in a step: the host can queue the next step while the device runs this one."""
+    cfg = parse_args(model_flags("tiny", "lpa") + [
+        "--mock-data", "--vocab-size", "128", "--micro-batch-size", "8", "--global-batch-size",
+        "16", "--lr", "3e-3", "--train-iters", "100", "--eval-iters", "0", "--bf16",
+        "--num-workers", "0", *flags])
+    trainer = Trainer(cfg)
+    for _ in range(5):  # past the graph's warm-up and capture, which do synchronise
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of device time ahead of the step
+    busy = torch.cuda.Event()
+    busy.record()
+    stats = trainer.train_step()
+    assert not busy.query(), "train_step waited for the device"
+    assert stats.tolist()[3] == 0.0, "the step went ahead"
+    trainer.close(keep_process_group=True)

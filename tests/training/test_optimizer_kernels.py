@@ -57,3 +57,64 @@ def test_fused_adamw_takes_the_same_steps_as_the_default():
             optimizer.optimizer.step()
         runs.append(param.detach())
     torch.testing.assert_close(runs[0], runs[1])
+
+
+def _trainer(*flags):
+    from megatron_lpa.training.arguments import parse_args
+    from megatron_lpa.training.presets import model_flags
+    from megatron_lpa.training.trainer import Trainer
+
+    return Trainer(parse_args(model_flags("tiny", "lpa") + [
+        "--mock-data", "--vocab-size", "128", "--micro-batch-size", "4", "--global-batch-size",
+        "8", "--lr", "1e-2", "--train-iters", "10", "--eval-iters", "0", "--num-workers", "0",
+        "--hidden-dropout", "0", "--attention-dropout", "0", *flags]))
+
+
+def test_step_without_host_sync_takes_megatrons_clipped_steps():
+    """Fused path (norm, clip and skip on the device) vs megatron's own host-side step."""
+    runs = []
+    for flags in ((), ("--no-fused-kernels",)):
+        trainer = _trainer("--clip-grad", "0.05", *flags)  # below every norm: clipping is active
+        stats = [trainer.train_step().tolist() for _ in range(3)]
+        # Adam's update hardly depends on the gradients' scale; its first moment does.
+        moments = [state["exp_avg"].clone()
+                   for state in trainer.optimizer.chained_optimizers[0].optimizer.state.values()]
+        trainer.close(keep_process_group=True)
+        runs.append((stats, moments))
+    (fused, fused_moments), (megatron, megatron_moments) = runs
+    for (loss, tokens, norm, skipped), (loss_ref, tokens_ref, norm_ref, skipped_ref) in zip(
+            fused, megatron):
+        assert norm > 0.05 and not skipped and not skipped_ref
+        assert loss / tokens == pytest.approx(loss_ref / tokens_ref, rel=1e-5)
+        assert norm == pytest.approx(norm_ref, rel=1e-5)
+    assert len(fused_moments) == len(megatron_moments) > 0
+    for moment, ref in zip(fused_moments, megatron_moments):
+        torch.testing.assert_close(moment, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_non_finite_gradient_leaves_weights_and_adam_state_as_they_were():
+    trainer = _trainer()
+    trainer.train_step()
+    optimizer = trainer.optimizer
+    prepare_grads = optimizer.prepare_grads
+
+    def poisoned_prepare_grads():
+        found_inf = prepare_grads()
+        optimizer.get_main_grads_for_grad_norm()[0].view(-1)[0] = float("inf")
+        return found_inf
+
+    optimizer.prepare_grads = poisoned_prepare_grads
+    inner = optimizer.chained_optimizers[0].optimizer
+    before = ([p.detach().clone() for p in trainer.model[0].parameters()],
+              {name: [state[name].clone() for state in inner.state.values()]
+               for name in ("exp_avg", "exp_avg_sq", "step")})
+    loss_sum, tokens, grad_norm, skipped = trainer.train_step().tolist()
+    assert skipped == 1.0 and not torch.isfinite(torch.tensor(grad_norm))
+    for param, old in zip(trainer.model[0].parameters(), before[0]):
+        torch.testing.assert_close(param.detach(), old, rtol=0, atol=0)
+    for name, old in before[1].items():
+        for state, value in zip(inner.state.values(), old):
+            torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+    optimizer.prepare_grads = prepare_grads
+    assert trainer.train_step().tolist()[3] == 0.0, "the next finite step goes ahead"
+    trainer.close(keep_process_group=True)

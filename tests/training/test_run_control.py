@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--seq-length", "32", "--swiglu", "--normalization", "RMSNorm",
@@ -65,6 +67,18 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path):
     got = losses(resumed_log)
     assert sorted(got) == list(range(resumed_from + 1, 9))
     assert got == {it: expected[it] for it in got}  # bit-identical
+
+
+def test_log_lines_average_every_step_once(tmp_path):
+    """Between log lines the host reads each step's numbers a step late; none is lost or doubled."""
+    every, every_log = start(tmp_path, "every", "--train-iters", "7")
+    assert every.wait(timeout=180) == 0, every.stdout.read()
+    sparse, sparse_log = start(tmp_path, "sparse", "--train-iters", "7", "--log-interval", "3")
+    assert sparse.wait(timeout=180) == 0, sparse.stdout.read()
+    each, logged = losses(every_log), losses(sparse_log)
+    assert sorted(logged) == [3, 6, 7]
+    for last, steps in ((3, (1, 2, 3)), (6, (4, 5, 6)), (7, (7,))):
+        assert logged[last] == pytest.approx(sum(each[it] for it in steps) / len(steps), rel=1e-6)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
