@@ -66,12 +66,18 @@ KERNEL_FAMILIES = (("attention", re.compile(r"flash|fmha|attn|sdpa|cudnn", re.I)
 GEMM_OPS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::bmm": (0, 1)}
 
 
+# torch.optim's profiling ranges ("Optimizer.step#AdamW.step"); on the device timeline they span
+# their kernels, which would count twice. (Kernel names can hold "#" too: "{lambda()#1}".)
+OPTIMIZER_RANGE = re.compile(r"^Optimizer\.\w+#")
+
+
 def kernel_events(prof) -> list:
     """The profile's kernels with device time, averaged by name; not the user annotations (the
     optimizer's step range), which would count their kernels twice."""
     return [e for e in prof.key_averages() if e.self_device_time_total > 0
             and e.device_type == torch.autograd.DeviceType.CUDA
-            and not getattr(e, "is_user_annotation", False) and "#" not in e.key]
+            and not getattr(e, "is_user_annotation", False)
+            and not OPTIMIZER_RANGE.match(e.key)]
 
 
 def print_profile(trainer: Trainer, steps: int, top: int = 25) -> None:
