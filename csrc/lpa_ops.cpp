@@ -13,6 +13,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("vocab_start"));
   m.def("rope", &rope, "rotary embedding (or its transpose with backward=True)", py::arg("t"),
         py::arg("freqs"), py::arg("interleaved"), py::arg("backward"));
+  m.def("rms_norm_forward", &rms_norm_forward, "x * rsqrt(mean(x^2) + eps) * weight, and rstd",
+        py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("rms_norm_backward", &rms_norm_backward, "input and weight gradients of rms_norm",
+        py::arg("grad"), py::arg("x"), py::arg("weight"), py::arg("rstd"));
   m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up", py::arg("x"));
   m.def("swiglu_backward", &swiglu_backward, "input gradient of swiglu", py::arg("grad"),
         py::arg("x"));

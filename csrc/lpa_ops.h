@@ -20,3 +20,10 @@ at::Tensor rope(const at::Tensor& t, const at::Tensor& freqs, bool interleaved, 
 // SwiGLU: x [..., 2f] = [gate, up] -> silu(gate) * up [..., f], and its input gradient.
 at::Tensor swiglu_forward(const at::Tensor& x);
 at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& x);
+
+// RMSNorm over the last dimension of x [rows, n] with weight [n]: returns {y, rstd [rows] fp32};
+// backward returns {dx, dw} from the output gradient, x, weight and that rstd. Rows must be whole,
+// 16-byte aligned 16-byte vectors, at most 2048 of them (n <= 16384 in 16-bit types).
+std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                          const at::Tensor& weight, const at::Tensor& rstd);

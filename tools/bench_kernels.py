@@ -4,7 +4,8 @@
 
 Shapes are one micro-batch of the 130M (seq 256 x 64) and 3B (seq 2048 x 2) benchmark models.
 "Megatron" is megatron-core 0.16.1's own unfused path in bf16: ``vocab_parallel_cross_entropy``,
-``_apply_rotary_pos_emb_bshd`` (rotate_half) and the MLP's chunk/silu/multiply. Times are device time
+``_apply_rotary_pos_emb_bshd`` (rotate_half), the MLP's chunk/silu/multiply, and torch's RMSNorm
+(what megatron's norm slot runs without Transformer Engine). Times are device time
 (the kernels' durations from the profiler, mean over rotating input sets); GB/s counts the fewest
 bytes the op must move.
 """
@@ -20,6 +21,7 @@ from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_
 
 from bench_train import kernel_events
 from megatron_lpa.ops.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lpa.ops.rms_norm import rms_norm
 from megatron_lpa.ops.rope import fused_apply_rotary_pos_emb
 from megatron_lpa.ops.swiglu import swiglu
 from megatron_lpa.platform.distributed import destroy_distributed, initialize_distributed
@@ -100,7 +102,21 @@ def swiglu_case(s):
     return inputs, {"megatron": _megatron_glu, "fused": swiglu}, 8 * elements * BF16
 
 
-CASES = {"cross_entropy": cross_entropy_case, "rope": rope_case, "swiglu": swiglu_case}
+def rms_norm_case(s):
+    inputs = []
+    for _ in range(3):
+        x = torch.randn(s["seq"], s["batch"], s["hidden"], device="cuda", dtype=torch.bfloat16,
+                        requires_grad=True)
+        weight = torch.randn(s["hidden"], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        inputs.append((x, torch.randn_like(x), weight))
+    ops = {"megatron": lambda x, w: F.rms_norm(x, w.shape, w, 1e-5),  # torch.nn.RMSNorm's call
+           "fused": lambda x, w: rms_norm(x, w, 1e-5)}
+    # fwd: read x, write y; bwd: read x and dy, write dx (the weight and its gradient are small).
+    return inputs, ops, 5 * s["seq"] * s["batch"] * s["hidden"] * BF16
+
+
+CASES = {"cross_entropy": cross_entropy_case, "rope": rope_case, "swiglu": swiglu_case,
+         "rms_norm": rms_norm_case}
 
 
 def main():

@@ -3,24 +3,29 @@
 megatron-core's fallback norm (``WrappedTorchNorm``) refuses sequence parallelism. Under SP each
 rank normalises its own ``[s/t, b, h]`` shard, so the weight (and bias) gradients differ per rank;
 marking them ``sequence_parallel`` makes ``finalize_model_grads`` sum them over the TP group.
+RMSNorm runs on the fused kernels of ``megatron_lpa.ops`` unless ``--no-fused-kernels``; LayerNorm
+is torch's.
 """
 
 import torch
 
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron_lpa.models.lpa_config import LPAConfig
+from megatron_lpa.ops.rms_norm import FusedRMSNorm
 
 
 class SequenceParallelNorm:
-    """Builds ``torch.nn.RMSNorm`` or ``torch.nn.LayerNorm`` from ``config.normalization``.
+    """Builds an RMSNorm (``FusedRMSNorm`` with ``config.fused_kernels``, else torch's) or
+    ``torch.nn.LayerNorm`` from ``config.normalization``.
 
     Same call as megatron's norm slots: ``(config, hidden_size, eps)``; input and output
     ``[s(/t), b, h]``.
     """
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5):
+    def __new__(cls, config: LPAConfig, hidden_size: int, eps: float = 1e-5):
         if config.layernorm_zero_centered_gamma:
             raise ValueError("--apply-layernorm-1p (zero-centred gamma) needs Transformer Engine.")
-        norm_classes = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}
+        norm_classes = {"RMSNorm": FusedRMSNorm if config.fused_kernels else torch.nn.RMSNorm,
+                        "LayerNorm": torch.nn.LayerNorm}
         if config.normalization not in norm_classes:
             raise ValueError(f"normalization must be one of {sorted(norm_classes)}, "
                              f"got {config.normalization!r}")

@@ -78,3 +78,20 @@ def swiglu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     sig = torch.sigmoid(gate)
     d_gate = dy * up * sig * (1 + gate * (1 - sig))
     return torch.cat((d_gate, dy * gate * sig), dim=-1).to(x.dtype)
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``x [rows, n]``, ``weight [n]`` -> ``(x * rstd * weight, rstd [rows] fp32)``."""
+    wide = _wide(x)
+    rstd = torch.rsqrt(wide.square().mean(dim=-1) + eps)
+    return (wide * rstd[:, None] * _wide(weight)).to(x.dtype), rstd.float()
+
+
+def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      rstd: torch.Tensor):
+    """Input and weight gradients of ``rms_norm_forward`` for the output gradient ``grad``."""
+    dy, wide, w = _wide(grad), _wide(x), _wide(weight)
+    r = rstd.to(wide.dtype)[:, None]
+    mean_dot = (dy * w * wide).mean(dim=-1, keepdim=True)
+    dx = r * w * dy - wide * r.pow(3) * mean_dot
+    return dx.to(x.dtype), (dy * wide * r).sum(dim=0).to(weight.dtype)

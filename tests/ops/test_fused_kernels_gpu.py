@@ -106,6 +106,49 @@ def test_swiglu(kernels, dtype, rows, f):
     assert_close(dx, reference.swiglu_backward(grad.double(), x.double()), TOLERANCE[dtype])
 
 
+# One 16-byte vector per thread (768; 6144 in 16-bit types) or four (6144 in fp32, 12288 in 16-bit
+# types; 12288 fp32 values are 3072 vectors, wider than the kernels take).
+@pytest.mark.parametrize("dtype,rows,n", [
+    (dtype, rows, n) for dtype in DTYPES for rows, n in ((4096, 768), (40, 6144), (9, 12288))
+    if (dtype, n) != (torch.float32, 12288)])
+def test_rms_norm(kernels, dtype, rows, n):
+    x = (torch.randn(rows, n, device="cuda") * 3).to(dtype)
+    weight = (1 + torch.randn(n, device="cuda") / 4).to(dtype)
+    grad = torch.randn(rows, n, device="cuda").to(dtype)
+    poison_allocator(rows * n * 8)
+    y, rstd = kernels.rms_norm_forward(x, weight, 1e-5)
+    ref_y, ref_rstd = reference.rms_norm_forward(x.double(), weight.double(), 1e-5)
+    assert y.dtype == dtype and rstd.dtype == torch.float32
+    assert_close(y, ref_y, TOLERANCE[dtype])
+    assert_close(rstd, ref_rstd, 1e-5)
+    poison_allocator(rows * n * 8)
+    dx, dw = kernels.rms_norm_backward(grad, x, weight, rstd)
+    ref_dx, ref_dw = reference.rms_norm_backward(grad.double(), x.double(), weight.double(),
+                                                 ref_rstd)
+    assert_close(dx, ref_dx, TOLERANCE[dtype])
+    assert_close(dw, ref_dw, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("case", ["odd width", "too wide", "unaligned view"])
+def test_rms_norm_op_runs_rows_the_kernels_cannot_hold_in_pytorch(case):
+    """The op checks what the kernels take; other rows go to the PyTorch version, not a crash."""
+    from megatron_lpa.ops.rms_norm import rms_norm
+
+    n = {"odd width": 1001, "too wide": 20000, "unaligned view": 768}[case]
+    storage = torch.randn(4 * n + 1, device="cuda", dtype=torch.bfloat16)
+    x = (storage[1:] if case == "unaligned view" else storage[:4 * n]).view(4, n)
+    x.requires_grad_()
+    weight = (1 + torch.randn(n, device="cuda") / 4).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(4, n, device="cuda", dtype=torch.bfloat16)
+    y = rms_norm(x, weight, 1e-5)
+    dx, dw = torch.autograd.grad(y, (x, weight), grad)
+    ref_y, ref_rstd = reference.rms_norm_forward(x.double(), weight.double(), 1e-5)
+    ref_dx, ref_dw = reference.rms_norm_backward(grad.double(), x.double(), weight.double(),
+                                                 ref_rstd)
+    for out, ref in ((y, ref_y), (dx, ref_dx), (dw, ref_dw)):
+        assert_close(out, ref, TOLERANCE[torch.bfloat16])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_wgrad_accumulation_into_fp32_main_grad(dtype):
     x = torch.randn(4096, 768, device="cuda").to(dtype)  # [tokens, in]

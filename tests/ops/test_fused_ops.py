@@ -15,6 +15,7 @@ from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_
 
 from megatron_lpa.ops import reference
 from megatron_lpa.ops.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lpa.ops.rms_norm import FusedRMSNorm
 from megatron_lpa.ops.rope import fused_apply_rotary_pos_emb
 from megatron_lpa.ops.swiglu import swiglu
 from megatron_lpa.ops.wgrad_accumulation import wgrad_gemm_accum_fp32
@@ -45,6 +46,24 @@ def test_cross_entropy_stats_of_vocabulary_slices_combine_to_the_full_loss():
     label_logit = sum(s[2] for s in slices)
     loss = global_max + torch.log(sum_exp) - label_logit
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels, reduction="none").float())
+
+
+def test_rms_norm_matches_torch_forward_and_backward():
+    x = torch.randn(5, 3, 24, dtype=torch.float64, requires_grad=True)
+    ours = FusedRMSNorm(24, eps=1e-5, dtype=torch.float64)
+    torch_norm = torch.nn.RMSNorm(24, eps=1e-5, dtype=torch.float64)
+    with torch.no_grad():
+        ours.weight.normal_()
+        torch_norm.weight.copy_(ours.weight)
+    assert ours.state_dict().keys() == torch_norm.state_dict().keys()  # checkpoints interchange
+    y = ours(x)
+    expected = torch_norm(x)
+    torch.testing.assert_close(y, expected)
+    grad = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, ours.weight), grad)
+    expected_dx, expected_dw = torch.autograd.grad(expected, (x, torch_norm.weight), grad)
+    torch.testing.assert_close(dx, expected_dx)
+    torch.testing.assert_close(dw, expected_dw)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -157,6 +176,9 @@ def test_fused_kernels_switch_chooses_the_ops_the_model_runs(model_parallel, mon
     model = build_model(config)
     assert config.apply_rope_fusion is fused
     assert isinstance(model.decoder.layers[0].mlp.activation_func, SwiGLU) is fused
+    norms = [model.decoder.layers[0].input_layernorm, model.decoder.layers[0].pre_mlp_layernorm,
+             model.decoder.final_layernorm]
+    assert all(isinstance(norm, FusedRMSNorm if fused else torch.nn.RMSNorm) for norm in norms)
     if fused:
         assert rope_utils.fused_apply_rotary_pos_emb is fused_apply_rotary_pos_emb
     logits = torch.randn(4, 2, 128, requires_grad=True)

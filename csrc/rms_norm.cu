@@ -1,0 +1,263 @@
+// RMSNorm over the last dimension, x [rows, n] -> y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps),
+// and its backward:
+//
+//   dx = rstd * (w dy - x rstd^2 mean(w dy x)),    dw = sum over rows of dy x rstd
+//
+// torch's CUDA RMSNorm computes dw in a kernel of its own that reads x and dy a second time at about
+// 0.8 TB/s (GammaBetaBackward, the largest non-GEMM kernel of the 130M step: BENCHMARKS.md). Here one
+// pass over x and dy writes dx and each block's partial dw (fp32), and a small kernel sums the partials.
+//
+// Layout: a block normalises one row at a time (grid-stride over rows); each thread owns the same
+// VPT 16-byte vectors of VEC columns in every row, so it keeps w in registers and accumulates its
+// columns' partial dw across rows without atomics. Rows must be whole, 16-byte aligned vectors, at
+// most 2048 of them (megatron_lpa/ops/rms_norm.py sends other rows to the PyTorch version).
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <type_traits>
+
+#include "lpa_ops.h"
+#include "vector_access.cuh"
+
+namespace {
+
+constexpr int kMaxThreads = 1024;
+
+// Threads per block: up to 1024 with one vector per thread; with four, 512 (register budget).
+constexpr int block_limit(int vpt) { return vpt == 1 ? kMaxThreads : kMaxThreads / 2; }
+
+// Sum of `value` over the block; every thread gets it. `shared` holds one float per warp.
+__device__ __forceinline__ float block_sum(float value, float* shared) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffff, value, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  __syncthreads();  // the previous row's readers of shared[] are done
+  if (lane == 0) shared[warp] = value;
+  __syncthreads();
+  value = lane < warps ? shared[lane] : 0.f;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffff, value, offset);
+  return value;
+}
+
+template <typename T, int VEC, int VPT>
+__global__ void __launch_bounds__(block_limit(VPT)) rms_norm_forward_kernel(
+    const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, float* __restrict__ rstd,
+    int64_t rows, int n, float eps) {
+  __shared__ float shared[32];
+  const int vectors = n / VEC;
+  Vector<T, VEC> weight[VPT];
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int j = threadIdx.x + k * blockDim.x;
+    if (j < vectors) weight[k] = load_vector<T, VEC>(w + j * VEC);
+  }
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    Vector<T, VEC> input[VPT];
+    float squares = 0.f;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int j = threadIdx.x + k * blockDim.x;
+      if (j >= vectors) continue;
+      input[k] = load_vector<T, VEC>(x + row * n + j * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float v = static_cast<float>(input[k].value[e]);
+        squares += v * v;
+      }
+    }
+    const float r = rsqrtf(block_sum(squares, shared) / n + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int j = threadIdx.x + k * blockDim.x;
+      if (j >= vectors) continue;
+      Vector<T, VEC> out;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        out.value[e] = static_cast<T>(static_cast<float>(input[k].value[e]) * r *
+                                      static_cast<float>(weight[k].value[e]));
+      }
+      store_vector<T, VEC>(y + row * n + j * VEC, out);
+    }
+  }
+}
+
+template <typename T, int VEC, int VPT>
+__global__ void __launch_bounds__(block_limit(VPT)) rms_norm_backward_kernel(
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
+    const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_partial,
+    int64_t rows, int n) {
+  __shared__ float shared[32];
+  const int vectors = n / VEC;
+  Vector<T, VEC> weight[VPT];
+  float dw[VPT][VEC];
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int j = threadIdx.x + k * blockDim.x;
+    if (j < vectors) weight[k] = load_vector<T, VEC>(w + j * VEC);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) dw[k][e] = 0.f;
+  }
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    Vector<T, VEC> grad[VPT], input[VPT];
+    float dot = 0.f;  // this thread's part of sum(w dy x)
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int j = threadIdx.x + k * blockDim.x;
+      if (j >= vectors) continue;
+      grad[k] = load_vector<T, VEC>(dy + row * n + j * VEC);
+      input[k] = load_vector<T, VEC>(x + row * n + j * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        dot += static_cast<float>(weight[k].value[e]) * static_cast<float>(grad[k].value[e]) *
+               static_cast<float>(input[k].value[e]);
+      }
+    }
+    const float r = rstd[row];
+    const float c = block_sum(dot, shared) * r * r * r / n;
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int j = threadIdx.x + k * blockDim.x;
+      if (j >= vectors) continue;
+      Vector<T, VEC> out;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float g = static_cast<float>(grad[k].value[e]);
+        const float v = static_cast<float>(input[k].value[e]);
+        out.value[e] = static_cast<T>(r * static_cast<float>(weight[k].value[e]) * g - c * v);
+        dw[k][e] += g * v * r;
+      }
+      store_vector<T, VEC>(dx + row * n + j * VEC, out);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int j = threadIdx.x + k * blockDim.x;
+    if (j >= vectors) continue;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) dw_partial[blockIdx.x * static_cast<int64_t>(n) + j * VEC + e] = dw[k][e];
+  }
+}
+
+// dw[col] = sum over blocks of dw_partial[block, col]: 32 columns per block, its 32 rows of threads
+// each summing every 32nd partial, then the 32 sums of a column added through shared memory.
+template <typename T>
+__global__ void sum_partials_kernel(const float* __restrict__ partial, T* __restrict__ dw,
+                                    int blocks, int n) {
+  __shared__ float sums[32][33];
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  float sum = 0.f;
+  if (col < n) {
+    for (int b = threadIdx.y; b < blocks; b += 32) sum += partial[b * static_cast<int64_t>(n) + col];
+  }
+  sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < n) {
+    float total = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) total += sums[i][threadIdx.x];
+    dw[col] = static_cast<T>(total);
+  }
+}
+
+constexpr int kMaxVectors = block_limit(4) * 4;
+
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// Checks that rows of n elements are whole, aligned 16-byte vectors the kernels can hold, then calls
+// launch(Int<VEC>, Int<VPT>, threads): one vector per thread up to 1024 vectors, else four.
+template <typename scalar_t, typename Launch>
+void dispatch_shape(std::initializer_list<const void*> pointers, int n, Launch&& launch) {
+  constexpr int kVec = kVectorWidth<scalar_t>;
+  bool aligned = n % kVec == 0;
+  for (const void* p : pointers) aligned &= reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  const int vectors = n / kVec;
+  TORCH_CHECK(aligned && vectors <= kMaxVectors,
+              "rms_norm: rows must be 16-byte aligned whole 16-byte vectors, at most 2048 of them "
+              "(megatron_lpa.ops.rms_norm sends other rows to its PyTorch version)");
+  if (vectors <= block_limit(1)) {
+    launch(Int<kVec>{}, Int<1>{}, (vectors + 31) / 32 * 32);
+  } else {
+    launch(Int<kVec>{}, Int<4>{}, ((vectors + 3) / 4 + 31) / 32 * 32);
+  }
+}
+
+// Enough blocks to keep up to 16 resident on every SM; each takes rows grid-stride.
+int grid_for(int64_t rows, int threads) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t resident = static_cast<int64_t>(sms) * std::min(16, std::max(1, 2048 / threads));
+  return static_cast<int>(std::max<int64_t>(1, std::min(rows, resident)));
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* name) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, name,
+              ": x must be a contiguous CUDA tensor [rows, n]");
+  TORCH_CHECK(weight.is_cuda() && weight.is_contiguous() && weight.dim() == 1 &&
+                  weight.size(0) == x.size(1) && weight.scalar_type() == x.scalar_type(),
+              name, ": weight must be a contiguous CUDA tensor [n] in the dtype of x");
+}
+
+}  // namespace
+
+std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight,
+                                         double eps) {
+  check_inputs(x, weight, "rms_norm_forward");
+  const int64_t rows = x.size(0);
+  const int n = static_cast<int>(x.size(1));
+  at::Tensor y = at::empty_like(x);
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) return {y, rstd};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    dispatch_shape<scalar_t>(
+        {x.data_ptr(), weight.data_ptr(), y.data_ptr()}, n, [&](auto vec, auto vpt, int threads) {
+          rms_norm_forward_kernel<scalar_t, decltype(vec)::value, decltype(vpt)::value>
+              <<<grid_for(rows, threads), threads, 0, stream>>>(
+                  x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                  rstd.data_ptr<float>(), rows, n, static_cast<float>(eps));
+        });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, rstd};
+}
+
+std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                          const at::Tensor& weight, const at::Tensor& rstd) {
+  check_inputs(x, weight, "rms_norm_backward");
+  TORCH_CHECK(grad.is_cuda() && grad.is_contiguous() && grad.sizes() == x.sizes() &&
+                  grad.scalar_type() == x.scalar_type(),
+              "rms_norm_backward: grad must be contiguous, shaped and typed like x");
+  TORCH_CHECK(rstd.is_cuda() && rstd.is_contiguous() && rstd.scalar_type() == at::kFloat &&
+                  rstd.numel() == x.size(0),
+              "rms_norm_backward: rstd must be the fp32 [rows] that rms_norm_forward returned");
+  const int64_t rows = x.size(0);
+  const int n = static_cast<int>(x.size(1));
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw = at::empty_like(weight);
+  if (x.numel() == 0) return {dx, dw};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_bwd", [&] {
+    dispatch_shape<scalar_t>(
+        {x.data_ptr(), grad.data_ptr(), weight.data_ptr(), dx.data_ptr()}, n,
+        [&](auto vec, auto vpt, int threads) {
+          const int blocks = grid_for(rows, threads);
+          at::Tensor partial = at::empty({blocks, n}, x.options().dtype(at::kFloat));
+          rms_norm_backward_kernel<scalar_t, decltype(vec)::value, decltype(vpt)::value>
+              <<<blocks, threads, 0, stream>>>(
+                  grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                  rstd.data_ptr<float>(), dx.data_ptr<scalar_t>(), partial.data_ptr<float>(),
+                  rows, n);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          sum_partials_kernel<scalar_t><<<(n + 31) / 32, dim3(32, 32), 0, stream>>>(
+              partial.data_ptr<float>(), dw.data_ptr<scalar_t>(), blocks, n);
+        });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dx, dw};
+}
