@@ -81,10 +81,11 @@ def swiglu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``x [rows, n]``, ``weight [n]`` -> ``(x * rstd * weight, rstd [rows] fp32)``."""
+    """``x [rows, n]``, ``weight [n]`` -> ``(x * rstd * weight, rstd [rows])`` (rstd in fp32, or
+    fp64 for fp64 inputs)."""
     wide = _wide(x)
     rstd = torch.rsqrt(wide.square().mean(dim=-1) + eps)
-    return (wide * rstd[:, None] * _wide(weight)).to(x.dtype), rstd.float()
+    return (wide * rstd[:, None] * _wide(weight)).to(x.dtype), rstd
 
 
 def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
