@@ -59,6 +59,22 @@ def test_fused_adamw_takes_the_same_steps_as_the_default():
     torch.testing.assert_close(runs[0], runs[1])
 
 
+@pytest.fixture
+def trainer_process_groups():
+    """A Trainer builds megatron's groups itself: lend it a process without the session's (the
+    ``model_parallel`` fixture's), then put those back for the tests after it."""
+    from megatron.core import parallel_state
+
+    from megatron_lpa.platform.distributed import destroy_distributed, initialize_distributed
+
+    had_groups = parallel_state.model_parallel_is_initialized()
+    if had_groups:
+        destroy_distributed(keep_process_group=True)
+    yield
+    if had_groups:
+        initialize_distributed()
+
+
 def _trainer(*flags):
     from megatron_lpa.training.arguments import parse_args
     from megatron_lpa.training.presets import model_flags
@@ -70,7 +86,7 @@ def _trainer(*flags):
         "--hidden-dropout", "0", "--attention-dropout", "0", *flags]))
 
 
-def test_step_without_host_sync_takes_megatrons_clipped_steps():
+def test_step_without_host_sync_takes_megatrons_clipped_steps(trainer_process_groups):
     """Fused path (norm, clip and skip on the device) vs megatron's own host-side step."""
     runs = []
     for flags in ((), ("--no-fused-kernels",)):
@@ -92,7 +108,7 @@ def test_step_without_host_sync_takes_megatrons_clipped_steps():
         torch.testing.assert_close(moment, ref, rtol=1e-4, atol=1e-7)
 
 
-def test_non_finite_gradient_leaves_weights_and_adam_state_as_they_were():
+def test_non_finite_gradient_leaves_weights_and_adam_state_as_they_were(trainer_process_groups):
     trainer = _trainer()
     trainer.train_step()
     optimizer = trainer.optimizer
