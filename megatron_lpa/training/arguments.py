@@ -61,7 +61,8 @@ class TrainingConfig:
     cuda_graph: bool = _opt(
         False, "Capture each step's forward and backward (all micro-batches) in one CUDA graph "
                "after 3 eager steps and replay it (megatron-core's full-iteration graph): no host "
-               "launch overhead; evaluation gets its own graph. GPU only; inputs must keep their shapes.")
+               "launch overhead; evaluation gets its own graph. GPU only; inputs must keep their "
+               "shapes.")
     # LPA.
     lpa_attn_rank: int = _opt(0, "Rank r of every attention projection (0 = dense attention).")
     lpa_ffn_rank: int = _opt(0, "Rank of every FFN projection (0 = dense FFN).")

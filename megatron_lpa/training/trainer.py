@@ -389,8 +389,9 @@ class Trainer:
         cfg = self.cfg
         if not (cfg.exit_signal_handler or cfg.exit_duration_in_mins is not None):
             return None
-        stop = self._signal_received or (cfg.exit_duration_in_mins is not None and
-                                         (time.time() - self._start) / 60 > cfg.exit_duration_in_mins)
+        minutes = (time.time() - self._start) / 60
+        stop = self._signal_received or (cfg.exit_duration_in_mins is not None
+                                         and minutes > cfg.exit_duration_in_mins)
         flag = torch.full((1,), float(stop), device=device_type())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag
