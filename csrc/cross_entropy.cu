@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "lpa_ops.h"
 #include "vector_access.cuh"
@@ -113,6 +114,21 @@ void check_rows(const at::Tensor& logits, const at::Tensor& labels) {
               "cross_entropy: labels must be a contiguous int64 CUDA tensor [tokens]");
 }
 
+// Calls launch(scalar_t{}, std::integral_constant<int, VEC>{}) for the logits' dtype: VEC elements
+// make 16 bytes when every row starts on a 16-byte boundary, else VEC = 1.
+template <typename Launch>
+void dispatch_rows(const at::Tensor& logits, Launch&& launch) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy", [&] {
+    constexpr int kVec = kVectorWidth<scalar_t>;
+    if (vector_aligned<scalar_t, kVec>(logits.data_ptr(), logits.size(1))) {
+      launch(scalar_t{}, std::integral_constant<int, kVec>{});
+    } else {
+      launch(scalar_t{}, std::integral_constant<int, 1>{});
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 std::vector<at::Tensor> cross_entropy_stats(const at::Tensor& logits, const at::Tensor& labels,
@@ -124,19 +140,12 @@ std::vector<at::Tensor> cross_entropy_stats(const at::Tensor& logits, const at::
              label_logit = at::empty({rows}, options);
   if (rows == 0) return {row_max, row_sum_exp, label_logit};
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_stats", [&] {
-        constexpr int kVec = kVectorWidth<scalar_t>;
-        const auto* data = logits.data_ptr<scalar_t>();
-        auto kernel = vector_aligned<scalar_t, kVec>(data, vocab)
-                          ? cross_entropy_stats_kernel<scalar_t, kVec>
-                          : cross_entropy_stats_kernel<scalar_t, 1>;
-        kernel<<<rows, kThreads, 0, stream>>>(data, labels.data_ptr<int64_t>(), vocab,
-                                              vocab_start, row_max.data_ptr<float>(),
-                                              row_sum_exp.data_ptr<float>(),
-                                              label_logit.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  dispatch_rows(logits, [&](auto type, auto vec) {
+    using T = decltype(type);
+    cross_entropy_stats_kernel<T, decltype(vec)::value><<<rows, kThreads, 0, stream>>>(
+        logits.data_ptr<T>(), labels.data_ptr<int64_t>(), vocab, vocab_start,
+        row_max.data_ptr<float>(), row_sum_exp.data_ptr<float>(), label_logit.data_ptr<float>());
+  });
   return {row_max, row_sum_exp, label_logit};
 }
 
@@ -153,18 +162,11 @@ at::Tensor cross_entropy_backward(const at::Tensor& logits, const at::Tensor& la
   at::Tensor grad_logits = at::empty_like(logits);
   if (rows == 0) return grad_logits;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy_backward", [&] {
-        constexpr int kVec = kVectorWidth<scalar_t>;
-        const auto* data = logits.data_ptr<scalar_t>();
-        auto kernel = vector_aligned<scalar_t, kVec>(data, vocab)
-                          ? cross_entropy_backward_kernel<scalar_t, kVec>
-                          : cross_entropy_backward_kernel<scalar_t, 1>;
-        kernel<<<rows, kThreads, 0, stream>>>(data, labels.data_ptr<int64_t>(), vocab,
-                                              vocab_start, lse.data_ptr<float>(),
-                                              grad.data_ptr<float>(),
-                                              grad_logits.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  dispatch_rows(logits, [&](auto type, auto vec) {
+    using T = decltype(type);
+    cross_entropy_backward_kernel<T, decltype(vec)::value><<<rows, kThreads, 0, stream>>>(
+        logits.data_ptr<T>(), labels.data_ptr<int64_t>(), vocab, vocab_start,
+        lse.data_ptr<float>(), grad.data_ptr<float>(), grad_logits.data_ptr<T>());
+  });
   return grad_logits;
 }

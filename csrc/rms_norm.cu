@@ -44,6 +44,17 @@ __device__ __forceinline__ float block_sum(float value, float* shared) {
   return value;
 }
 
+// Calls body(k, j) for each vector this thread owns in a row: its k-th (k < VPT, a compile-time
+// constant once unrolled, so arrays indexed by k stay in registers) is vector j < vectors.
+template <int VPT, typename Body>
+__device__ __forceinline__ void for_owned_vectors(int vectors, Body&& body) {
+#pragma unroll
+  for (int k = 0; k < VPT; ++k) {
+    const int j = threadIdx.x + k * blockDim.x;
+    if (j < vectors) body(k, j);
+  }
+}
+
 template <typename T, int VEC, int VPT>
 __global__ void __launch_bounds__(block_limit(VPT)) rms_norm_forward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, float* __restrict__ rstd,
@@ -51,31 +62,22 @@ __global__ void __launch_bounds__(block_limit(VPT)) rms_norm_forward_kernel(
   __shared__ float shared[32];
   const int vectors = n / VEC;
   Vector<T, VEC> weight[VPT];
-#pragma unroll
-  for (int k = 0; k < VPT; ++k) {
-    const int j = threadIdx.x + k * blockDim.x;
-    if (j < vectors) weight[k] = load_vector<T, VEC>(w + j * VEC);
-  }
+  for_owned_vectors<VPT>(vectors,
+                         [&](int k, int j) { weight[k] = load_vector<T, VEC>(w + j * VEC); });
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     Vector<T, VEC> input[VPT];
     float squares = 0.f;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int j = threadIdx.x + k * blockDim.x;
-      if (j >= vectors) continue;
+    for_owned_vectors<VPT>(vectors, [&](int k, int j) {
       input[k] = load_vector<T, VEC>(x + row * n + j * VEC);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const float v = static_cast<float>(input[k].value[e]);
         squares += v * v;
       }
-    }
+    });
     const float r = rsqrtf(block_sum(squares, shared) / n + eps);
     if (threadIdx.x == 0) rstd[row] = r;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int j = threadIdx.x + k * blockDim.x;
-      if (j >= vectors) continue;
+    for_owned_vectors<VPT>(vectors, [&](int k, int j) {
       Vector<T, VEC> out;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
@@ -83,7 +85,7 @@ __global__ void __launch_bounds__(block_limit(VPT)) rms_norm_forward_kernel(
                                       static_cast<float>(weight[k].value[e]));
       }
       store_vector<T, VEC>(y + row * n + j * VEC, out);
-    }
+    });
   }
 }
 
@@ -95,21 +97,13 @@ __global__ void __launch_bounds__(block_limit(VPT)) rms_norm_backward_kernel(
   __shared__ float shared[32];
   const int vectors = n / VEC;
   Vector<T, VEC> weight[VPT];
-  float dw[VPT][VEC];
-#pragma unroll
-  for (int k = 0; k < VPT; ++k) {
-    const int j = threadIdx.x + k * blockDim.x;
-    if (j < vectors) weight[k] = load_vector<T, VEC>(w + j * VEC);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) dw[k][e] = 0.f;
-  }
+  for_owned_vectors<VPT>(vectors,
+                         [&](int k, int j) { weight[k] = load_vector<T, VEC>(w + j * VEC); });
+  float dw[VPT][VEC] = {};
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     Vector<T, VEC> grad[VPT], input[VPT];
     float dot = 0.f;  // this thread's part of sum(w dy x)
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int j = threadIdx.x + k * blockDim.x;
-      if (j >= vectors) continue;
+    for_owned_vectors<VPT>(vectors, [&](int k, int j) {
       grad[k] = load_vector<T, VEC>(dy + row * n + j * VEC);
       input[k] = load_vector<T, VEC>(x + row * n + j * VEC);
 #pragma unroll
@@ -117,13 +111,10 @@ __global__ void __launch_bounds__(block_limit(VPT)) rms_norm_backward_kernel(
         dot += static_cast<float>(weight[k].value[e]) * static_cast<float>(grad[k].value[e]) *
                static_cast<float>(input[k].value[e]);
       }
-    }
+    });
     const float r = rstd[row];
     const float c = block_sum(dot, shared) * r * r * r / n;
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-      const int j = threadIdx.x + k * blockDim.x;
-      if (j >= vectors) continue;
+    for_owned_vectors<VPT>(vectors, [&](int k, int j) {
       Vector<T, VEC> out;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
@@ -133,15 +124,14 @@ __global__ void __launch_bounds__(block_limit(VPT)) rms_norm_backward_kernel(
         dw[k][e] += g * v * r;
       }
       store_vector<T, VEC>(dx + row * n + j * VEC, out);
+    });
+  }
+  for_owned_vectors<VPT>(vectors, [&](int k, int j) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      dw_partial[blockIdx.x * static_cast<int64_t>(n) + j * VEC + e] = dw[k][e];
     }
-  }
-#pragma unroll
-  for (int k = 0; k < VPT; ++k) {
-    const int j = threadIdx.x + k * blockDim.x;
-    if (j >= vectors) continue;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) dw_partial[blockIdx.x * static_cast<int64_t>(n) + j * VEC + e] = dw[k][e];
-  }
+  });
 }
 
 // dw[col] = sum over blocks of dw_partial[block, col]: 32 columns per block, its 32 rows of threads
@@ -195,19 +185,19 @@ int grid_for(int64_t rows, int threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min(rows, resident)));
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* name) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, name,
-              ": x must be a contiguous CUDA tensor [rows, n]");
+void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2,
+              "rms_norm: x must be a contiguous CUDA tensor [rows, n]");
   TORCH_CHECK(weight.is_cuda() && weight.is_contiguous() && weight.dim() == 1 &&
                   weight.size(0) == x.size(1) && weight.scalar_type() == x.scalar_type(),
-              name, ": weight must be a contiguous CUDA tensor [n] in the dtype of x");
+              "rms_norm: weight must be a contiguous CUDA tensor [n] in the dtype of x");
 }
 
 }  // namespace
 
 std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight,
                                          double eps) {
-  check_inputs(x, weight, "rms_norm_forward");
+  check_inputs(x, weight);
   const int64_t rows = x.size(0);
   const int n = static_cast<int>(x.size(1));
   at::Tensor y = at::empty_like(x);
@@ -229,7 +219,7 @@ std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& 
 
 std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                           const at::Tensor& weight, const at::Tensor& rstd) {
-  check_inputs(x, weight, "rms_norm_backward");
+  check_inputs(x, weight);
   TORCH_CHECK(grad.is_cuda() && grad.is_contiguous() && grad.sizes() == x.sizes() &&
                   grad.scalar_type() == x.scalar_type(),
               "rms_norm_backward: grad must be contiguous, shaped and typed like x");

@@ -153,8 +153,9 @@ at::Tensor rope(const at::Tensor& t, const at::Tensor& freqs, bool interleaved, 
                   freqs.size(0) == t.size(0) && freqs.is_contiguous(),
               "rope: freqs must be contiguous fp32 CUDA angles [s, rot]");
   const int64_t rot = freqs.size(1), dim = t.size(3);
-  TORCH_CHECK(rot % 2 == 0 && rot <= dim, "rope: the rotary dimension ", rot,
-              " must be even and at most the head dimension ", dim);
+  TORCH_CHECK(rot % 2 == 0 && rot <= dim,
+              "rope: the rotary dimension (freqs.size(1)) must be even and at most the head "
+              "dimension (t.size(3))");
   at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
   if (t.numel() == 0) return out;
   TORCH_CHECK(t.size(1) <= 65535 && t.size(2) * dim <= INT32_MAX,
