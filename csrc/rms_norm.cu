@@ -55,20 +55,41 @@ __device__ __forceinline__ void for_owned_vectors(int vectors, Body&& body) {
   }
 }
 
+// Loads this thread's vectors of one row.
+template <typename T, int VEC, int VPT>
+__device__ __forceinline__ void load_owned(const T* row, int vectors, Vector<T, VEC> (&v)[VPT]) {
+  for_owned_vectors<VPT>(vectors, [&](int k, int j) { v[k] = load_vector<T, VEC>(row + j * VEC); });
+}
+
+// With one vector per thread, both kernels load the block's next row before reducing the current
+// one: a row's loads would otherwise wait for the previous row's block reduction, and with a few
+// blocks per SM (registers allow two of 384 threads in the backward) too few bytes would be in
+// flight to keep memory busy. With four vectors a thread has four loads in flight already, and the
+// registers for a second row would spill.
+template <int VPT>
+constexpr bool kPrefetch = VPT == 1;
+
 template <typename T, int VEC, int VPT>
 __global__ void __launch_bounds__(block_limit(VPT)) rms_norm_forward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, float* __restrict__ rstd,
     int64_t rows, int n, float eps) {
   __shared__ float shared[32];
   const int vectors = n / VEC;
-  Vector<T, VEC> weight[VPT];
-  for_owned_vectors<VPT>(vectors,
-                         [&](int k, int j) { weight[k] = load_vector<T, VEC>(w + j * VEC); });
+  Vector<T, VEC> weight[VPT], input[VPT], next[VPT];
+  load_owned(w, vectors, weight);
+  if (kPrefetch<VPT> && blockIdx.x < rows) {
+    load_owned(x + blockIdx.x * static_cast<int64_t>(n), vectors, next);
+  }
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    Vector<T, VEC> input[VPT];
+    if (kPrefetch<VPT>) {
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) input[k] = next[k];
+      if (row + gridDim.x < rows) load_owned(x + (row + gridDim.x) * n, vectors, next);
+    } else {
+      load_owned(x + row * n, vectors, input);
+    }
     float squares = 0.f;
-    for_owned_vectors<VPT>(vectors, [&](int k, int j) {
-      input[k] = load_vector<T, VEC>(x + row * n + j * VEC);
+    for_owned_vectors<VPT>(vectors, [&](int k, int) {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const float v = static_cast<float>(input[k].value[e]);
@@ -96,23 +117,37 @@ __global__ void __launch_bounds__(block_limit(VPT)) rms_norm_backward_kernel(
     int64_t rows, int n) {
   __shared__ float shared[32];
   const int vectors = n / VEC;
-  Vector<T, VEC> weight[VPT];
-  for_owned_vectors<VPT>(vectors,
-                         [&](int k, int j) { weight[k] = load_vector<T, VEC>(w + j * VEC); });
+  Vector<T, VEC> weight[VPT], grad[VPT], input[VPT], next_grad[VPT], next_input[VPT];
+  load_owned(w, vectors, weight);
+  if (kPrefetch<VPT> && blockIdx.x < rows) {
+    load_owned(dy + blockIdx.x * static_cast<int64_t>(n), vectors, next_grad);
+    load_owned(x + blockIdx.x * static_cast<int64_t>(n), vectors, next_input);
+  }
   float dw[VPT][VEC] = {};
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    Vector<T, VEC> grad[VPT], input[VPT];
+    if (kPrefetch<VPT>) {
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) {
+        grad[k] = next_grad[k];
+        input[k] = next_input[k];
+      }
+      if (row + gridDim.x < rows) {
+        load_owned(dy + (row + gridDim.x) * n, vectors, next_grad);
+        load_owned(x + (row + gridDim.x) * n, vectors, next_input);
+      }
+    } else {
+      load_owned(dy + row * n, vectors, grad);
+      load_owned(x + row * n, vectors, input);
+    }
+    const float r = rstd[row];
     float dot = 0.f;  // this thread's part of sum(w dy x)
-    for_owned_vectors<VPT>(vectors, [&](int k, int j) {
-      grad[k] = load_vector<T, VEC>(dy + row * n + j * VEC);
-      input[k] = load_vector<T, VEC>(x + row * n + j * VEC);
+    for_owned_vectors<VPT>(vectors, [&](int k, int) {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         dot += static_cast<float>(weight[k].value[e]) * static_cast<float>(grad[k].value[e]) *
                static_cast<float>(input[k].value[e]);
       }
     });
-    const float r = rstd[row];
     const float c = block_sum(dot, shared) * r * r * r / n;
     for_owned_vectors<VPT>(vectors, [&](int k, int j) {
       Vector<T, VEC> out;
@@ -178,10 +213,14 @@ void dispatch_shape(std::initializer_list<const void*> pointers, int n, Launch&&
   }
 }
 
-// Enough blocks to keep up to 16 resident on every SM; each takes rows grid-stride.
-int grid_for(int64_t rows, int threads) {
+// As many blocks as fit on the GPU at once (registers usually decide), each taking rows
+// grid-stride: no block waits for a slot, and the backward writes no more partial sums than needed.
+template <typename Kernel>
+int grid_for(Kernel kernel, int64_t rows, int threads) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t resident = static_cast<int64_t>(sms) * std::min(16, std::max(1, 2048 / threads));
+  const int64_t resident = static_cast<int64_t>(sms) * std::max(1, per_sm);
   return static_cast<int>(std::max<int64_t>(1, std::min(rows, resident)));
 }
 
@@ -207,10 +246,11 @@ std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
     dispatch_shape<scalar_t>(
         {x.data_ptr(), weight.data_ptr(), y.data_ptr()}, n, [&](auto vec, auto vpt, int threads) {
-          rms_norm_forward_kernel<scalar_t, decltype(vec)::value, decltype(vpt)::value>
-              <<<grid_for(rows, threads), threads, 0, stream>>>(
-                  x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                  rstd.data_ptr<float>(), rows, n, static_cast<float>(eps));
+          auto kernel =
+              rms_norm_forward_kernel<scalar_t, decltype(vec)::value, decltype(vpt)::value>;
+          kernel<<<grid_for(kernel, rows, threads), threads, 0, stream>>>(
+              x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+              rstd.data_ptr<float>(), rows, n, static_cast<float>(eps));
         });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -236,13 +276,14 @@ std::vector<at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tens
     dispatch_shape<scalar_t>(
         {x.data_ptr(), grad.data_ptr(), weight.data_ptr(), dx.data_ptr()}, n,
         [&](auto vec, auto vpt, int threads) {
-          const int blocks = grid_for(rows, threads);
+          auto kernel =
+              rms_norm_backward_kernel<scalar_t, decltype(vec)::value, decltype(vpt)::value>;
+          const int blocks = grid_for(kernel, rows, threads);
           at::Tensor partial = at::empty({blocks, n}, x.options().dtype(at::kFloat));
-          rms_norm_backward_kernel<scalar_t, decltype(vec)::value, decltype(vpt)::value>
-              <<<blocks, threads, 0, stream>>>(
-                  grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                  rstd.data_ptr<float>(), dx.data_ptr<scalar_t>(), partial.data_ptr<float>(),
-                  rows, n);
+          kernel<<<blocks, threads, 0, stream>>>(
+              grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+              rstd.data_ptr<float>(), dx.data_ptr<scalar_t>(), partial.data_ptr<float>(), rows,
+              n);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           sum_partials_kernel<scalar_t><<<(n + 31) / 32, dim3(32, 32), 0, stream>>>(
               partial.data_ptr<float>(), dw.data_ptr<scalar_t>(), blocks, n);
