@@ -118,15 +118,16 @@ void check_rows(const at::Tensor& logits, const at::Tensor& labels) {
 // make 16 bytes when every row starts on a 16-byte boundary, else VEC = 1.
 template <typename Launch>
 void dispatch_rows(const at::Tensor& logits, Launch&& launch) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy", [&] {
-    constexpr int kVec = kVectorWidth<scalar_t>;
-    if (vector_aligned<scalar_t, kVec>(logits.data_ptr(), logits.size(1))) {
-      launch(scalar_t{}, std::integral_constant<int, kVec>{});
-    } else {
-      launch(scalar_t{}, std::integral_constant<int, 1>{});
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "cross_entropy", [&] {
+        constexpr int kVec = kVectorWidth<scalar_t>;
+        if (vector_aligned<scalar_t, kVec>(logits.data_ptr(), logits.size(1))) {
+          launch(scalar_t{}, std::integral_constant<int, kVec>{});
+        } else {
+          launch(scalar_t{}, std::integral_constant<int, 1>{});
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace
