@@ -29,11 +29,13 @@ __device__ __forceinline__ void position_trig(const float* __restrict__ freqs, i
   __syncthreads();
 }
 
-// Element j of a head (its partner's value `partner`, first-of-pair flag) rotated or un-rotated.
-__device__ __forceinline__ float rotate(float x, float partner, bool first, int j, int p,
-                                        const float* cos_s, const float* sin_s, bool backward) {
-  return backward ? x * cos_s[j] + (first ? partner : -partner) * sin_s[p]
-                  : x * cos_s[j] + (first ? -partner : partner) * sin_s[j];
+// One element of a rotated pair: x, its partner's value, whether x is the pair's first, cos and sin
+// of x's angle and sin of the partner's (the backward, the transpose, takes that one). Every kernel
+// rotates through this, so the formula lives here only.
+__device__ __forceinline__ float rotate(float x, float partner, bool first, float cos_x,
+                                        float sin_x, float sin_partner, bool backward) {
+  return backward ? x * cos_x + (first ? partner : -partner) * sin_partner
+                  : x * cos_x + (first ? -partner : partner) * sin_x;
 }
 
 // One block per (position, sample): the position's cos/sin are computed once into shared memory,
@@ -61,7 +63,8 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(
     if (j < rot) {
       const bool first = interleaved ? (j % 2 == 0) : (j < half);
       const int p = interleaved ? (j ^ 1) : (first ? j + half : j - half);
-      result = rotate(x, static_cast<float>(row[p]), first, j, p, cos_s, sin_s, backward);
+      result = rotate(x, static_cast<float>(row[p]), first, cos_s[j], sin_s[j], sin_s[p],
+                      backward);
     }
     dst[idx] = static_cast<T>(result);
   }
@@ -83,11 +86,12 @@ __device__ __forceinline__ void load_angles(const float* src, float (&dst)[N]) {
   }
 }
 
-// The same rotation in 16-byte vectors of N elements (bf16/fp16: N = 8; fp32: 4). A block rotates `tokens` samples of one position, so the position's cos/sin are
-// computed once for all of them. A thread's unit: interleaved, one vector (N/2 whole pairs, or
-// pass-through channels); otherwise a vector of the first half with its partner vector in the
-// second half, or one pass-through vector. Needs N | rot/2 (N | rot interleaved), N | dim,
-// N | every stride and 16-byte aligned data.
+// The same rotation in 16-byte vectors of N elements (bf16/fp16: N = 8; fp32: 4). A block
+// rotates `tokens` samples of one position, so the position's cos/sin are computed once for all of
+// them. A thread's unit: interleaved, one vector (N/2 whole pairs, or pass-through channels);
+// otherwise a vector of the first half with its partner vector in the second half, or one
+// pass-through vector. Needs N | rot/2 (N | rot interleaved), N | dim, N | every stride and
+// 16-byte aligned data.
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads) rope_vector_kernel(
     const T* __restrict__ t, int64_t stride_s, int64_t stride_b, int64_t stride_h,
@@ -120,9 +124,8 @@ __global__ void __launch_bounds__(kThreads) rope_vector_kernel(
 #pragma unroll
       for (int k = 0; k < N; ++k) {
         const float a = static_cast<float>(x1.value[k]), c = static_cast<float>(x2.value[k]);
-        // forward: (a, c) -> (a cos1 - c sin1, c cos2 + a sin2); backward: its transpose.
-        o1.value[k] = static_cast<T>(backward ? a * c1[k] + c * s2[k] : a * c1[k] - c * s1[k]);
-        o2.value[k] = static_cast<T>(backward ? c * c2[k] - a * s1[k] : c * c2[k] + a * s2[k]);
+        o1.value[k] = static_cast<T>(rotate(a, c, true, c1[k], s1[k], s2[k], backward));
+        o2.value[k] = static_cast<T>(rotate(c, a, false, c2[k], s2[k], s1[k], backward));
       }
       store_vector<T, N>(out_row + j, o1);
       store_vector<T, N>(out_row + j + half, o2);
@@ -135,9 +138,8 @@ __global__ void __launch_bounds__(kThreads) rope_vector_kernel(
 #pragma unroll
       for (int k = 0; k < N; k += 2) {
         const float a = static_cast<float>(x.value[k]), c = static_cast<float>(x.value[k + 1]);
-        x.value[k] = static_cast<T>(backward ? a * c1[k] + c * s1[k + 1] : a * c1[k] - c * s1[k]);
-        x.value[k + 1] =
-            static_cast<T>(backward ? c * c1[k + 1] - a * s1[k] : c * c1[k + 1] + a * s1[k + 1]);
+        x.value[k] = static_cast<T>(rotate(a, c, true, c1[k], s1[k], s1[k + 1], backward));
+        x.value[k + 1] = static_cast<T>(rotate(c, a, false, c1[k + 1], s1[k + 1], s1[k], backward));
       }
     }
     store_vector<T, N>(out_row + j, x);
@@ -172,7 +174,8 @@ at::Tensor rope(const at::Tensor& t, const at::Tensor& freqs, bool interleaved, 
     if (vectorised) {
       // Enough samples per block for about 2048 vectors of work (the 130M shape has 48 per sample).
       const int64_t per_token = heads * dim / N;
-      const int tokens = static_cast<int>(std::min<int64_t>(batch, std::max<int64_t>(1, 2048 / per_token)));
+      const int tokens =
+          static_cast<int>(std::min<int64_t>(batch, std::max<int64_t>(1, 2048 / per_token)));
       const dim3 vector_grid(t.size(0), (batch + tokens - 1) / tokens);
       rope_vector_kernel<scalar_t, N><<<vector_grid, kThreads, shared, stream>>>(
           t.data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), freqs.data_ptr<float>(),
