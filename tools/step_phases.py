@@ -19,6 +19,7 @@ import torch
 from bench_train import variant_flags
 from megatron_lpa.platform.distributed import destroy_distributed
 from megatron_lpa.training.arguments import parse_args
+from megatron_lpa.training.presets import SHAPES
 from megatron_lpa.training.trainer import Trainer
 
 
@@ -35,7 +36,7 @@ def _timed(fn, times: list):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="130m")
+    parser.add_argument("--shape", choices=SHAPES, default="130m")
     parser.add_argument("--variants", default="dense,lpa")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6)
