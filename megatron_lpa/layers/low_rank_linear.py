@@ -203,18 +203,26 @@ class _LowRankBase(torch.nn.Module):
 class LowRankColumnParallelLinear(_LowRankBase):
     """Column slot: ``P`` low-rank projections sharing one fused down-projection.
 
-    ``forward(x)``: ``x`` is ``[s, b, d]`` (``[s/t, b, d]`` with SP); returns ``([s, b, out/t], bias)``
+    ``forward(x)``: ``x`` is ``[s, b, d]`` (``[s/t, b, d]`` with SP); returns ``([s, b, out/t], None)``
     in megatron's per-rank layout: for ``qkv``, per local query group ``[q heads, k, v]``; for
-    ``gate_up``, ``[gate, up]``. Parameters: ``down_weight [P*r, d]`` (replicated),
-    ``up_weight_<p> [out_p/t, r]`` per projection ``p`` (split dim 0), ``bias [out/t]`` (split dim 0).
+    ``gate_up``, ``[gate, up]``. Parameters: ``down_weight [P*r, d]`` and, with ``bias``,
+    ``down_bias [P*r]`` (both replicated), ``up_weight_<p> [out_p/t, r]`` per projection ``p`` (split
+    dim 0).
+
+    The bias sits on A's r-wide output, as in the paper's code (``Linear(d, r)`` with a bias, then
+    ``Linear(r, out, bias=False)``): ``y = B (A x + c)``. So it is always added here and never handed
+    back for the caller to add (``skip_bias_add`` has nothing to skip).
 
     Args (beyond megatron's ``ColumnParallelLinear`` keywords, given through the spec's params):
         lpa_rank: r, the rank of every projection in the slot.
         projections: one of ``PROJECTIONS``.
         lpa_init: one of ``LPA_INIT_METHODS``.
-        split_output: return the projections as a list ``[s, b, out_p/t]`` each (bias added)
+        split_output: return the projections as a list ``[s, b, out_p/t]`` each
             instead of interleaving them; ``LowRankSelfAttention`` takes Q, K and V this way.
     """
+
+    bias_weights = {"down_bias": "down_weight"}
+    """The factor whose output each bias is added to (``models/pytorch_init.py`` reads its fan-in)."""
 
     def __init__(
         self,
@@ -244,9 +252,9 @@ class LowRankColumnParallelLinear(_LowRankBase):
         _reject_unsupported(is_expert, skip_weight_param_allocation, disable_grad_reduce,
                             type(self).__name__)
         self.input_size, self.output_size = input_size, output_size
-        self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
-        if split_output and (gather_output or skip_bias_add):
-            raise ValueError("split_output returns each projection with its bias, on this rank.")
+        self.gather_output = gather_output
+        if split_output and gather_output:
+            raise ValueError("split_output returns each projection on this rank; it cannot gather.")
         self.split_output = split_output
         self.part_names, part_sizes, num_blocks = self._parts(projections, output_size, config)
         # The per-rank output interleaves the projections in `blocks_per_partition` blocks
@@ -266,9 +274,10 @@ class LowRankColumnParallelLinear(_LowRankBase):
             self.register_parameter(
                 self._up_name(name), self._factor((size, lpa_rank), lpa_rank, init_method, 0))
         if bias:
-            self.bias = self._bias(self.output_size_per_partition, tp_split=True)
+            self.down_bias = self._bias(num_parts * lpa_rank, tp_split=False)
+            setattr(self.down_bias, "sequence_parallel", self.sequence_parallel)
         else:
-            self.register_parameter("bias", None)
+            self.register_parameter("down_bias", None)
 
     @staticmethod
     def _parts(projections: str, output_size: int, config) -> Tuple[Tuple[str, ...], list, int]:
@@ -303,13 +312,6 @@ class LowRankColumnParallelLinear(_LowRankBase):
         blocks = [p.reshape(*lead, self.blocks_per_partition, -1) for p in parts]
         return torch.cat(blocks, dim=-1).reshape(*lead, self.output_size_per_partition)
 
-    def _deinterleave(self, fused: torch.Tensor) -> list:
-        """Inverse of ``_interleave``: ``[..., out/t]`` -> ``[..., out_p/t]`` per projection."""
-        lead = fused.shape[:-1]
-        blocks = fused.reshape(*lead, self.blocks_per_partition, -1).split(
-            [size // self.blocks_per_partition for size in self.part_sizes_per_partition], dim=-1)
-        return [block.reshape(*lead, -1) for block in blocks]
-
     def forward(
         self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
@@ -317,7 +319,7 @@ class LowRankColumnParallelLinear(_LowRankBase):
         if weight is not None:
             raise NotImplementedError("LowRankColumnParallelLinear owns its factors; pass no weight.")
         # [s(/t), b, d] -> [s(/t), b, P*r]: one GEMM reads the input once for all projections.
-        low = self._linear(input_, self.down_weight)
+        low = self._linear(input_, self.down_weight, self.down_bias)
         if self.sequence_parallel:
             # [s/t, b, P*r] -> [s, b, P*r]; backward reduce-scatters the r-wide gradient.
             low = gather_from_sequence_parallel_region(low, tensor_parallel_output_grad=True,
@@ -329,26 +331,22 @@ class LowRankColumnParallelLinear(_LowRankBase):
         outputs = [self._linear(h, w)
                    for h, w in zip(low.split(self.lpa_rank, dim=-1), self.up_weights())]
         if self.split_output:
-            if self.bias is not None:
-                outputs = [out + bias for out, bias in zip(outputs, self._deinterleave(self.bias))]
             return outputs, None
         output = self._interleave(outputs)  # -> [s, b, out/t]
-        if self.bias is not None and not self.skip_bias_add:
-            output = output + self.bias
         if runtime_gather_output if runtime_gather_output is not None else self.gather_output:
             output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
-        return output, self.bias if self.skip_bias_add else None
+        return output, None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """A replicated; each B and the bias sharded along axis 0 (resharding across TP/PP)."""
+        """A and its bias replicated; each B sharded along axis 0 (resharding across TP/PP)."""
         axis_map = {self._up_name(name): 0 for name in self.part_names}
-        axis_map["bias"] = 0
         return self._sharded_state_dict(axis_map, prefix, sharded_offsets, metadata)
 
     def __repr__(self):
         return (f"{type(self).__name__}(in_features={self.input_size}, "
                 f"out_features={self.output_size}, rank={self.lpa_rank}, "
-                f"projections={self.part_names}, bias={self.bias is not None}, TP={self.tp_size})")
+                f"projections={self.part_names}, bias={self.down_bias is not None}, "
+                f"TP={self.tp_size})")
 
 
 class LowRankRowParallelLinear(_LowRankBase):
@@ -358,6 +356,9 @@ class LowRankRowParallelLinear(_LowRankBase):
     ``([s, b, out], bias)`` (``[s/t, b, out]`` with SP). Parameters: ``down_weight [r, in/t]``
     (split dim 1), ``up_weight [out, r]`` and ``bias [out]`` (replicated).
     """
+
+    bias_weights = {"bias": "up_weight"}
+    """The factor whose output each bias is added to (``models/pytorch_init.py`` reads its fan-in)."""
 
     def __init__(
         self,

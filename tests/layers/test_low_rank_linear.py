@@ -24,15 +24,18 @@ def config(**overrides):
     return TransformerConfig(**{**base, **overrides})
 
 
-def pair(a_weight, b_weight, bias=None):
-    """The paper's projection: two plain linears with nothing in between."""
-    down = torch.nn.Linear(a_weight.shape[1], a_weight.shape[0], bias=False)
-    up = torch.nn.Linear(b_weight.shape[1], b_weight.shape[0], bias=bias is not None)
+def pair(a_weight, b_weight, down_bias=None, up_bias=None):
+    """The paper's projection: two plain linears with nothing in between; a column slot's bias is
+    on the first (r-wide) one, a row slot's on the second."""
+    down = torch.nn.Linear(a_weight.shape[1], a_weight.shape[0], bias=down_bias is not None)
+    up = torch.nn.Linear(b_weight.shape[1], b_weight.shape[0], bias=up_bias is not None)
     with torch.no_grad():
         down.weight.copy_(a_weight)
         up.weight.copy_(b_weight)
-        if bias is not None:
-            up.bias.copy_(bias)
+        if down_bias is not None:
+            down.bias.copy_(down_bias)
+        if up_bias is not None:
+            up.bias.copy_(up_bias)
     return torch.nn.Sequential(down, up)
 
 
@@ -57,22 +60,27 @@ def test_qkv_column_is_three_independent_pairs_in_megatron_layout(model_parallel
     layer = LowRankColumnParallelLinear(
         D, q_out + 2 * kv_out, config=cfg, init_method=cfg.init_method, lpa_rank=R,
         projections="qkv", bias=True)
+    # The bias is A's: r wide per projection, not the full output width.
+    assert layer.down_bias.shape == (3 * R,)
+    assert [n for n, _ in layer.named_parameters()] == ["down_weight", "up_weight_q",
+                                                        "up_weight_k", "up_weight_v", "down_bias"]
     with torch.no_grad():
-        layer.bias.normal_()
-    a = layer.down_weight.detach()
-    q = pair(a[:R], layer.up_weight_q.detach())
-    k = pair(a[R:2 * R], layer.up_weight_k.detach())
-    v = pair(a[2 * R:], layer.up_weight_v.detach())
+        layer.down_bias.normal_()
+    a, c = layer.down_weight.detach(), layer.down_bias.detach()
+    q, k, v = (pair(a[i * R:(i + 1) * R], up.detach(), c[i * R:(i + 1) * R])
+               for i, up in enumerate(layer.up_weights()))
 
     def reference(x):
         # megatron's fused layout: per query group g, [q heads of g, k_g, v_g].
         parts = [q(x).view(SEQ, BATCH, groups, -1), k(x).view(SEQ, BATCH, groups, -1),
                  v(x).view(SEQ, BATCH, groups, -1)]
-        return torch.cat(parts, dim=-1).view(SEQ, BATCH, -1) + layer.bias
+        return torch.cat(parts, dim=-1).view(SEQ, BATCH, -1)
 
     x = torch.randn(SEQ, BATCH, D)
+    out, bias = layer(x)
+    assert bias is None
     assert_same_forward_backward(layer, reference, [], x)
-    # Weight gradients: A's rows per projection and each B.
+    # Weight gradients: A's rows and bias per projection, and each B.
     layer.zero_grad()
     x_ref = x.clone()
     out, _ = layer(x)
@@ -83,6 +91,7 @@ def test_qkv_column_is_three_independent_pairs_in_megatron_layout(model_parallel
     reference(x_ref).backward(grad)
     torch.testing.assert_close(layer.down_weight.grad,
                                torch.cat([m[0].weight.grad for m in (q, k, v)]))
+    torch.testing.assert_close(layer.down_bias.grad, torch.cat([m[0].bias.grad for m in (q, k, v)]))
     for up, module in zip(layer.up_weights(), (q, k, v)):
         torch.testing.assert_close(up.grad, module[1].weight.grad)
 
@@ -95,7 +104,7 @@ def test_split_qkv_output_is_the_fused_layout_before_interleaving(model_parallel
     fused = LowRankColumnParallelLinear(D, q_out + 2 * kv_out, **kwargs)
     split = LowRankColumnParallelLinear(D, q_out + 2 * kv_out, split_output=True, **kwargs)
     with torch.no_grad():
-        fused.bias.normal_()
+        fused.down_bias.normal_()
     split.load_state_dict(fused.state_dict())
     x = torch.randn(SEQ, BATCH, D)
     (q, k, v), bias = split(x)
@@ -106,25 +115,35 @@ def test_split_qkv_output_is_the_fused_layout_before_interleaving(model_parallel
     torch.testing.assert_close(out, expected.view(SEQ, BATCH, -1))
     grad = torch.randn_like(out)
     out.backward(grad)
-    torch.autograd.backward([q, k, v], split._deinterleave(grad))
+    grads = grad.view(SEQ, BATCH, groups, -1).split([q_out // groups, kv_out // groups,
+                                                      kv_out // groups], dim=-1)
+    torch.autograd.backward([q, k, v], [g.reshape(SEQ, BATCH, -1) for g in grads])
     for mine, theirs in zip(split.parameters(), fused.parameters()):
         torch.testing.assert_close(mine.grad, theirs.grad)
 
 
-def test_gate_up_column_returns_megatron_glu_layout_and_bias(model_parallel):
+def test_gate_up_column_returns_megatron_glu_layout_with_the_bias_inside(model_parallel):
     cfg = config(gated_linear_unit=True, add_bias_linear=True)
     ffn = 40
     layer = LowRankColumnParallelLinear(
         D, 2 * ffn, config=cfg, init_method=cfg.init_method, lpa_rank=R, projections="gate_up",
         bias=True, skip_bias_add=True)
-    a = layer.down_weight.detach()
-    gate = pair(a[:R], layer.up_weight_gate.detach())
-    up = pair(a[R:], layer.up_weight_up.detach())
+    with torch.no_grad():
+        layer.down_bias.normal_()
+    a, c = layer.down_weight.detach(), layer.down_bias.detach()
+    gate = pair(a[:R], layer.up_weight_gate.detach(), c[:R])
+    up = pair(a[R:], layer.up_weight_up.detach(), c[R:])
     x = torch.randn(SEQ, BATCH, D)
     out, bias = layer(x)
-    assert bias is layer.bias
+    assert bias is None  # added on A's output already, nothing left for megatron's MLP to add
     torch.testing.assert_close(out, torch.cat([gate(x), up(x)], dim=-1))
-    assert_same_forward_backward(layer, lambda t: torch.cat([gate(t), up(t)], dim=-1), [], x)
+    layer.zero_grad()
+    assert_same_forward_backward(
+        layer, lambda t: torch.cat([gate(t), up(t)], dim=-1),
+        [(layer.up_weight_gate, gate[1].weight), (layer.up_weight_up, up[1].weight)], x)
+    torch.testing.assert_close(layer.down_weight.grad,
+                               torch.cat([gate[0].weight.grad, up[0].weight.grad]))
+    torch.testing.assert_close(layer.down_bias.grad, torch.cat([gate[0].bias.grad, up[0].bias.grad]))
 
 
 def test_row_is_one_pair_with_bias(model_parallel):
@@ -134,7 +153,8 @@ def test_row_is_one_pair_with_bias(model_parallel):
         input_is_parallel=True, skip_bias_add=False)
     with torch.no_grad():
         layer.bias.normal_()
-    reference = pair(layer.down_weight.detach(), layer.up_weight.detach(), layer.bias.detach())
+    reference = pair(layer.down_weight.detach(), layer.up_weight.detach(),
+                     up_bias=layer.bias.detach())
     x = torch.randn(SEQ, BATCH, D)
     assert_same_forward_backward(
         layer, reference, [(layer.down_weight, reference[0].weight),
@@ -207,7 +227,8 @@ def test_gradient_accumulation_fusion_adds_factor_grads_into_main_grad(model_par
 
     fused, plain = build(True), build(False)
     plain.load_state_dict(fused.state_dict())
-    factors = {name: p for name, p in fused.named_parameters() if name != "bias"}
+    biases = [name for name, _ in fused.named_parameters() if name.endswith("bias")]
+    factors = {name: p for name, p in fused.named_parameters() if name not in biases}
     before = {}
     for name, p in factors.items():
         p.main_grad = torch.randn(p.shape)
@@ -223,4 +244,5 @@ def test_gradient_accumulation_fusion_adds_factor_grads_into_main_grad(model_par
     for name, p in factors.items():
         assert p.grad is None
         torch.testing.assert_close(p.main_grad, before[name] + plain_params[name].grad)
-    torch.testing.assert_close(fused.bias.grad, plain.bias.grad)
+    for name in biases:
+        torch.testing.assert_close(fused.get_parameter(name).grad, plain.get_parameter(name).grad)
