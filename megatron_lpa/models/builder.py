@@ -5,6 +5,7 @@ from typing import Optional
 from megatron_lpa.models.gpt_model import LPAGPTModel
 from megatron_lpa.models.layer_spec import get_lpa_block_spec
 from megatron_lpa.models.lpa_config import LPAConfig
+from megatron_lpa.models.pytorch_init import init_like_pytorch
 
 
 def build_model(
@@ -17,8 +18,10 @@ def build_model(
 
     ``pre_process``/``post_process`` say whether this pipeline stage holds the embedding / the output
     head (megatron's model-provider contract). The model's logits are vocab-parallel over TP.
+    With ``config.init_style == "pytorch"`` every tensor is then re-initialised as PyTorch's
+    modules would (``pytorch_init``).
     """
-    return LPAGPTModel(
+    model = LPAGPTModel(
         config=config,
         transformer_layer_spec=get_lpa_block_spec(config, vp_stage),
         vocab_size=config.vocab_size,
@@ -30,3 +33,6 @@ def build_model(
         rotary_base=config.rotary_base,
         vp_stage=vp_stage,
     )
+    if config.init_style == "pytorch" and config.perform_initialization:
+        init_like_pytorch(model, config.init_seed)
+    return model

@@ -5,6 +5,11 @@ Starts from megatron-core's local GPT layer (``get_gpt_layer_local_spec``) and s
 low-rank layers (with LPA, self-attention for one that takes Q, K and V separately), the norms for
 the sequence-parallel-capable ones, by default core attention for SDPA and, with fused kernels, the
 SwiGLU activation for the fused one.
+
+Where the norms go follows ``config.sublayer_norm``: ``input`` normalises each sublayer's input and
+the last layer's output (megatron's and LLaMA's pre-norm); ``output`` normalises each sublayer's
+output inside its residual branch and has no final norm (the paper's GPT-style block): the input
+norm slots stay empty and the output slots become ``NormalizedOutputLinear``.
 """
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -12,6 +17,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -26,6 +32,7 @@ from megatron_lpa.layers.low_rank_linear import (
     LowRankRowParallelLinear,
 )
 from megatron_lpa.layers.norm import SequenceParallelNorm
+from megatron_lpa.layers.output_norm import NormalizedOutputLinear, NormalizedOutputSubmodules
 from megatron_lpa.layers.sdpa_attention import SDPAttention
 from megatron_lpa.models.lpa_config import LPAConfig
 from megatron_lpa.ops.swiglu import SwiGLU
@@ -40,35 +47,39 @@ def _column(config: LPAConfig, rank: int, projections: str, split_output: bool =
 
 
 def _row(config: LPAConfig, rank: int):
-    if rank == 0:
-        return RowParallelLinear
-    return ModuleSpec(module=LowRankRowParallelLinear,
-                      params={"lpa_rank": rank, "lpa_init": config.lpa_init})
+    """A sublayer's output slot: its linear, with the norm after it for ``sublayer_norm="output"``."""
+    linear = RowParallelLinear if rank == 0 else ModuleSpec(
+        module=LowRankRowParallelLinear, params={"lpa_rank": rank, "lpa_init": config.lpa_init})
+    if config.sublayer_norm == "input":
+        return linear
+    return ModuleSpec(module=NormalizedOutputLinear,
+                      submodules=NormalizedOutputSubmodules(linear=linear,
+                                                            norm=SequenceParallelNorm))
 
 
 def get_lpa_layer_spec(config: LPAConfig) -> ModuleSpec:
     """One transformer layer for any of the four variants of ``config``."""
     fc1_projections = "gate_up" if config.gated_linear_unit else "single"
     core_attention = SDPAttention if config.core_attention == "sdpa" else DotProductAttention
-    # LPA's Q, K and V go to attention separately, unless a query group spans TP ranks (megatron
-    # then gathers the fused layout) or an output gate rides along with them.
-    separate_qkv = (config.lpa_attn_rank > 0 and not config.attention_output_gate
-                    and config.num_query_groups >= config.tensor_model_parallel_size)
+    input_norm = SequenceParallelNorm if config.sublayer_norm == "input" else IdentityOp
+    # LPA's Q, K and V go to attention separately (LPAConfig makes sure each TP rank holds whole
+    # query groups and there is no output gate, the cases that need megatron's fused layout).
+    low_rank_attention = config.lpa_attn_rank > 0
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=SequenceParallelNorm,
+            input_layernorm=input_norm,
             self_attention=ModuleSpec(
-                module=LowRankSelfAttention if separate_qkv else SelfAttention,
+                module=LowRankSelfAttention if low_rank_attention else SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=_column(config, config.lpa_attn_rank, "qkv", separate_qkv),
+                    linear_qkv=_column(config, config.lpa_attn_rank, "qkv", low_rank_attention),
                     core_attention=core_attention,
                     linear_proj=_row(config, config.lpa_attn_rank),
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=SequenceParallelNorm,
+            pre_mlp_layernorm=input_norm,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
@@ -83,9 +94,10 @@ def get_lpa_layer_spec(config: LPAConfig) -> ModuleSpec:
 
 
 def get_lpa_block_spec(config: LPAConfig, vp_stage=None) -> TransformerBlockSubmodules:
-    """This pipeline stage's layers plus the final norm (SP-capable, unlike megatron's fallback)."""
+    """This pipeline stage's layers plus, with pre-norm, the final norm (SP-capable, unlike
+    megatron's fallback)."""
     layer = get_lpa_layer_spec(config)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-        layer_norm=SequenceParallelNorm,
+        layer_norm=SequenceParallelNorm if config.sublayer_norm == "input" else None,
     )

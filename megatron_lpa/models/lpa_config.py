@@ -1,6 +1,7 @@
 """The one model config: megatron-core's TransformerConfig plus LPA ranks and GPT-level fields."""
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -11,6 +12,8 @@ from megatron_lpa.ops.wgrad_accumulation import install_megatron_wgrad_hook
 
 CORE_ATTENTION = ("sdpa", "local")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+SUBLAYER_NORMS = ("input", "output")
+INIT_STYLES = ("megatron", "pytorch")
 
 
 @dataclass
@@ -29,8 +32,32 @@ class LPAConfig(TransformerConfig):
     lpa_ffn_rank: int = 0
     """Rank of every FFN projection (fc1 / gate and up, fc2); 0 keeps the FFN dense."""
 
-    lpa_init: str = "linear"
-    """Factor initialisation, one of ``LPA_INIT_METHODS`` (see ``low_rank_linear``)."""
+    lpa_init: Optional[str] = None
+    """Factor initialisation, one of ``LPA_INIT_METHODS`` (see ``low_rank_linear``). By default
+    ``variance`` under megatron's init (so that ``B @ A`` starts like the dense weight it replaces
+    and a dense-vs-LPA comparison compares like with like) and ``linear`` under PyTorch's."""
+
+    init_style: str = "megatron"
+    """``megatron``: megatron-core's init (weights N(0, ``init_method_std``), output projections
+    scaled by 1/sqrt(2 * layers), biases 0, embeddings N(0, ``init_method_std``)). ``pytorch``: every
+    tensor as PyTorch's modules initialise it, as the paper's code (plain ``nn.Module``s) does:
+    embeddings N(0, 1), every linear's weight and bias, dense and low-rank alike,
+    U(+-1/sqrt(fan_in)), norms 1 and 0 (``models/pytorch_init.py``)."""
+
+    init_seed: int = 1234
+    """Seed of the ``pytorch`` init: each tensor is drawn whole from (seed, its name), so the
+    weights are the same at every TP and PP size."""
+
+    sublayer_norm: str = "input"
+    """``input``: pre-norm, each sublayer's input normalised, plus a final norm (megatron, LLaMA,
+    the paper's setting 2). ``output``: each sublayer's output normalised inside its residual branch,
+    ``x + Dropout(Norm(f(x)))``, no final norm (the paper's GPT-style setting 1)."""
+
+    output_layer_bias: bool = False
+    """A bias on the output layer (vocabulary-parallel like its weight); the paper's head has one."""
+
+    embedding_dropout: Optional[float] = None
+    """Dropout on the embedding output; None keeps megatron's, which is ``hidden_dropout``."""
 
     vocab_size: int = 32000
     """Embedding rows (already padded for TP by the caller)."""
@@ -68,11 +95,33 @@ class LPAConfig(TransformerConfig):
         for name in ("lpa_attn_rank", "lpa_ffn_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} is {getattr(self, name)}; use 0 (dense) or a rank >= 1.")
+        if self.lpa_init is None:
+            self.lpa_init = "variance" if self.init_style == "megatron" else "linear"
         choices = {"lpa_init": LPA_INIT_METHODS, "core_attention": CORE_ATTENTION,
-                   "position_embedding_type": POSITION_EMBEDDINGS}
+                   "position_embedding_type": POSITION_EMBEDDINGS,
+                   "sublayer_norm": SUBLAYER_NORMS, "init_style": INIT_STYLES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.init_style == "pytorch" and self.lpa_init != "linear":
+            raise ValueError("init_style='pytorch' initialises the LPA factors like nn.Linear "
+                             f"(lpa_init='linear'); lpa_init={self.lpa_init!r} is for megatron's "
+                             "init: drop it or use init_style='megatron'.")
+        if self.lpa_attn_rank > 0:
+            self._check_lpa_attention()
+
+    def _check_lpa_attention(self) -> None:
+        """LPA hands Q, K and V to attention per TP rank; that needs whole query groups per rank."""
+        groups = self.num_query_groups or self.num_attention_heads
+        if groups < self.tensor_model_parallel_size:
+            raise ValueError(
+                f"LPA attention needs at least one whole query group per tensor-parallel rank, but "
+                f"{groups} query group(s) are split over TP={self.tensor_model_parallel_size}: use "
+                f"a TP size <= {groups} (--tensor-model-parallel-size) or more query groups "
+                "(--num-query-groups).")
+        if self.attention_output_gate:
+            raise ValueError("LPA attention has no low-rank form of the attention output gate; "
+                             "turn the gate off or keep attention dense (lpa_attn_rank=0).")
 
     @property
     def fused_swiglu(self) -> bool:

@@ -50,7 +50,22 @@ class TrainingConfig:
     untie_embeddings_and_output_weights: bool = _opt(False, "Separate output head.")
     hidden_dropout: float = _opt(0.1, "Dropout after attention and FFN.")
     attention_dropout: float = _opt(0.1, "Dropout on attention probabilities.")
-    init_method_std: float = _opt(0.02, "Std of the normal weight init.")
+    init_method_std: float = _opt(0.02, "Std of megatron's normal weight init.")
+    init_style: str = _opt(
+        "megatron", "megatron: megatron-core's init (N(0, --init-method-std), output projections "
+                    "scaled by 1/sqrt(2L), zero biases). pytorch: every tensor as PyTorch's "
+                    "modules start, as in the paper's code (embeddings N(0,1), dense and low-rank "
+                    "linears and their biases U(+-1/sqrt(fan_in)), norms 1/0), the same at every "
+                    "TP/PP size.", ("megatron", "pytorch"))
+    sublayer_norm: str = _opt(
+        "input", "input: pre-norm (each sublayer's input normalised, a final norm; megatron, "
+                 "LLaMA). output: each sublayer's output normalised inside its residual branch, "
+                 "x + dropout(norm(f(x))), no final norm (the paper's GPT-style block).",
+        ("input", "output"))
+    output_layer_bias: bool = _opt(False, "A bias on the (untied) output layer, as the paper's head.")
+    embedding_dropout: Optional[float] = _opt(
+        None, "Dropout on the embeddings (default: --hidden-dropout, as megatron; the paper's "
+              "GPT-style setting uses 0).")
     make_vocab_size_divisible_by: int = _opt(128, "Pad the vocabulary to a multiple of this * TP.")
     core_attention: str = _opt("sdpa", "Attention kernel: PyTorch SDPA (flash) or megatron's.",
                                ("sdpa", "local"))
@@ -66,8 +81,10 @@ class TrainingConfig:
     # LPA.
     lpa_attn_rank: int = _opt(0, "Rank r of every attention projection (0 = dense attention).")
     lpa_ffn_rank: int = _opt(0, "Rank of every FFN projection (0 = dense FFN).")
-    lpa_init: str = _opt("linear", "Factor init: like nn.Linear, or B@A with the dense variance.",
-                         ("linear", "variance"))
+    lpa_init: Optional[str] = _opt(
+        None, "LPA factor init: linear (each factor like nn.Linear) or variance (B@A with the "
+              "variance of megatron's dense init). Default: variance with --init-style megatron, "
+              "linear with pytorch.", ("linear", "variance"))
     # Parallelism.
     tensor_model_parallel_size: int = _opt(1, "Tensor-parallel size.")
     pipeline_model_parallel_size: int = _opt(1, "Pipeline-parallel size.")
@@ -198,16 +215,22 @@ def _yaml_flags(path: str) -> list:
         raise SystemExit(f"--config {path}: not valid YAML: {error}")
     if not isinstance(loaded, dict):
         raise SystemExit(f"--config {path}: expected a mapping of settings, got {type(loaded).__name__}.")
+    return settings_as_flags(loaded, f"--config {path}")
+
+
+def settings_as_flags(settings: dict, source: str) -> list:
+    """``{"num_layers": 12, "swiglu": True, ...}`` (keys with dashes or underscores) as the flags
+    that set them; ``source`` names where the settings came from in error messages."""
     fields = {f.name: f for f in dataclasses.fields(TrainingConfig) if not f.metadata.get("derived")}
     flags = []
-    for key, value in loaded.items():
+    for key, value in settings.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise SystemExit(f"--config {path}: unknown setting {key!r}; "
+            raise SystemExit(f"{source}: unknown setting {key!r}; "
                              f"see `pretrain_gpt.py --help` for the names.")
         if _base_type(fields[name].type) is bool:
             if not isinstance(value, bool):
-                raise SystemExit(f"--config {path}: {key} must be true or false, got {value!r}.")
+                raise SystemExit(f"{source}: {key} must be true or false, got {value!r}.")
             flags += [_flag(fields[name])] if value else []
         elif value is not None:
             values = value if isinstance(value, list) else [value]
@@ -270,6 +293,9 @@ def validate(cfg: TrainingConfig, world_size: int) -> None:
                  f"--seq-length {cfg.seq_length} must be divisible by TP={tp} with "
                  "--sequence-parallel.")
     _require(not (cfg.bf16 and cfg.fp16), "choose one of --bf16 and --fp16.")
+    _require(not (cfg.init_style == "pytorch" and cfg.lpa_init == "variance"),
+             "--lpa-init variance matches megatron's init; --init-style pytorch initialises the "
+             "factors like nn.Linear. Drop --lpa-init or use --init-style megatron.")
     if cfg.cuda_graph:
         _require(torch.cuda.is_available(), "--cuda-graph needs a GPU; leave it off on CPU.")
         _require(not cfg.fp16, "--cuda-graph cannot replay fp16's changing loss scale; use --bf16.")

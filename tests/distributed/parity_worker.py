@@ -40,6 +40,10 @@ VARIANTS = {
     "lowrank_all": dict(family="llama", lpa_attn_rank=12, lpa_ffn_rank=20),
     # GPT-style: LayerNorm, learned positions, biases (column bias inside, row bias returned).
     "lpa_gpt": dict(family="gpt", lpa_attn_rank=12, lpa_ffn_rank=20),
+    # The paper's GPT-style block: sublayer outputs normalised, no final norm, an output-layer
+    # bias, PyTorch-default init.
+    "paper_gpt": dict(family="gpt", lpa_attn_rank=12, lpa_ffn_rank=20, sublayer_norm="output",
+                      output_layer_bias=True, init_style="pytorch"),
 }
 
 

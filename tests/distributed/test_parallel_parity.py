@@ -1,6 +1,6 @@
 """TP=2/4 (with and without SP), PP=2, DP=2 and TP2xPP2 give TP=1's loss and gradients, for dense,
-LPA, low-rank-everywhere and GPT-style models with the same weights and data; a checkpoint written at
-TP=2 loads at TP=1 and PP=2 with the same loss."""
+LPA, low-rank-everywhere, GPT-style and the paper's GPT-style (output-norm) models with the same
+weights and data; a checkpoint written at TP=2 loads at TP=1 and PP=2 with the same loss."""
 
 import pytest
 
@@ -36,9 +36,10 @@ def test_layout_matches_tp1(reference, layout):
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(reference, tmp_path):
     saved = tmp_path / "tp2_weights"
-    torchrun("distributed/parity_worker.py", 2, "--tp", "2", "--variants", "lpa,dense",
+    variants = "lpa,dense,paper_gpt"
+    torchrun("distributed/parity_worker.py", 2, "--tp", "2", "--variants", variants,
              "--load-weights", reference / "weights", "--save-weights", saved,
              "--loss-file", reference / "loss.json", "--check-loss")
     for nproc, flags in ((1, []), (2, ["--pp", "2"])):
-        torchrun("distributed/parity_worker.py", nproc, *flags, "--variants", "lpa,dense",
+        torchrun("distributed/parity_worker.py", nproc, *flags, "--variants", variants,
                  "--load-weights", saved, "--loss-file", reference / "loss.json", "--check-loss")

@@ -13,10 +13,17 @@ from megatron_lpa.training.trainer import Trainer
 pytestmark = pytest.mark.gpu
 
 STEPS = 8
+# name: (preset variant, flags). paper_block: the paper's GPT-style block (a norm inside each
+# output slot, no final norm), an output-layer bias and PyTorch-default init, through the same
+# fused kernels and graph.
+VARIANTS = {"dense": ("dense", ()), "lpa": ("lpa", ()),
+            "paper_block": ("lpa", ("--sublayer-norm", "output", "--output-layer-bias",
+                                    "--init-style", "pytorch"))}
 
 
-def train(variant: str, *flags: str) -> tuple:
-    cfg = parse_args(model_flags("tiny", variant) + [
+def train(name: str, *flags: str) -> tuple:
+    variant, variant_flags = VARIANTS[name]
+    cfg = parse_args(model_flags("tiny", variant) + [*variant_flags,
         "--mock-data", "--vocab-size", "128", "--micro-batch-size", "8", "--global-batch-size",
         "16", "--lr", "3e-3", "--train-iters", "100", "--eval-iters", "5", "--eval-interval", "4",
         "--bf16", "--hidden-dropout", "0", "--attention-dropout", "0", "--num-workers", "0", *flags])
@@ -38,7 +45,7 @@ def train(variant: str, *flags: str) -> tuple:
     return losses, grad_norms, captured
 
 
-@pytest.mark.parametrize("variant", ["dense", "lpa"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_fused_kernels_and_cuda_graph_follow_the_unfused_eager_losses(variant):
     unfused, unfused_norms, _ = train(variant, "--no-fused-kernels")
     fused, fused_norms, _ = train(variant)

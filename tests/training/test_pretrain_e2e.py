@@ -88,6 +88,34 @@ def test_two_process_run_trains_and_evaluates(dataset, layout):
     assert validation[-1] < validation[0]
 
 
+# The paper's GPT-style block (setting 1's flags), small: output norms, an output-layer bias,
+# PyTorch-default init, dropout only on the normalised sublayer outputs.
+PAPER_BLOCK_RUN = SHAPE + (
+    "--normalization LayerNorm --activation relu --position-embedding-type learned_absolute "
+    "--sublayer-norm output --output-layer-bias --init-style pytorch --embedding-dropout 0 "
+    "--hidden-dropout 0.1 --attention-dropout 0 --untie-embeddings-and-output-weights "
+    "--ffn-hidden-size 64 --lpa-attn-rank 8 --micro-batch-size 2 --global-batch-size 8 "
+    "--lr 1e-3 --lr-warmup-iters 2 --log-interval 3 --eval-interval 6 --eval-iters 1 "
+    "--num-workers 0"
+).split()
+
+
+def test_paper_block_trains_saves_and_resumes_at_another_layout(dataset, tmp_path):
+    """Trained at TP=2 with SP, resumed (weights and optimizer resharded) at PP=2."""
+    save = ["--save", str(tmp_path / "ckpt"), "--save-interval", "6"]
+    first = torchrun(PRETRAIN, 2, *PAPER_BLOCK_RUN, *data_flags(dataset), "--train-iters", "6",
+                     *save, "--tensor-model-parallel-size", "2", "--sequence-parallel")
+    resumed = torchrun(PRETRAIN, 2, *PAPER_BLOCK_RUN, *data_flags(dataset), "--train-iters", "12",
+                       *save, "--load", str(tmp_path / "ckpt"),
+                       "--pipeline-model-parallel-size", "2")
+    assert "Resumed from" in resumed and "at iteration 6" in resumed, resumed[-3000:]
+    before = [float(loss) for step, loss in TRAIN_LINE.findall(first)]
+    after = [(int(step), float(loss)) for step, loss in TRAIN_LINE.findall(resumed)]
+    assert [step for step, _ in after] == [9, 12], resumed[-3000:]
+    assert all(math.isfinite(loss) for loss in before + [loss for _, loss in after])
+    assert after[-1][1] < before[0], (before, after)
+
+
 # ----- bad configurations ------------------------------------------------------------------------
 # name: (world size, flags that change VALID, the message's start)
 BAD_CONFIGS = {
@@ -116,6 +144,11 @@ BAD_CONFIGS = {
         "--lpa-attn-rank 33",
         "--lpa-attn-rank 33 exceeds the narrowest projection it replaces (32 wide); "
         "use a rank <= 32",
+    ),
+    "variance_factors_with_pytorch_init": (
+        1,
+        "--lpa-attn-rank 8 --init-style pytorch --lpa-init variance",
+        "--lpa-init variance matches megatron's init; --init-style pytorch initialises the",
     ),
     "global_batch_vs_micro_x_dp": (
         2,
