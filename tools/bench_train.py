@@ -1,6 +1,6 @@
 """Training-step benchmark: dense vs LPA (and the low-rank ablations) at a named shape, one run.
 
-    python tools/bench_train.py --shape 130m                      # one GPU, all variants
+    python tools/bench_train.py --shape 130m                      # one GPU, every variant
     python tools/bench_train.py --shape 3b --variants dense,lpa --modes fast
     torchrun --nproc-per-node 4 tools/bench_train.py --shape 3b --variants dense,lpa \
         -- --tensor-model-parallel-size 4 --sequence-parallel
@@ -33,7 +33,7 @@ from megatron_lpa.models.flops import training_flops_per_token
 from megatron_lpa.platform.distributed import destroy_distributed
 from megatron_lpa.training.arguments import parse_args
 from megatron_lpa.training.metrics import DEFAULT_CUDA_PEAK_TFLOPS, memory_gib
-from megatron_lpa.training.presets import SHAPES, VARIANTS, model_flags
+from megatron_lpa.training.presets import SHAPES, model_flags, variants
 from megatron_lpa.training.trainer import Trainer
 
 MODES = {"baseline": ["--no-fused-kernels"], "fused": [], "fast": ["--cuda-graph"]}
@@ -174,7 +174,8 @@ def _time_steps(trainer: Trainer, warmup: int, steps: int, profile_steps: int) -
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=SHAPES, default="130m")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", help="comma-separated (default: every variant the shape has "
+                                           "a config for)")
     parser.add_argument("--modes", default="baseline,fast",
                         help=f"comma-separated, from {list(MODES)}")
     parser.add_argument("--warmup", type=int, default=5)
@@ -187,6 +188,7 @@ def main():
                              "the run with the median step time (runs differ by several percent)")
     parser.add_argument("extra", nargs="*", help="flags after -- go to every variant")
     args = parser.parse_args()
+    args.variants = args.variants or ",".join(variants(args.shape))
     runs, failed = {}, {}
     for _ in range(args.repeats):
         # Modes outside: a mode that breaks the CUDA context (a failed capture) comes last.

@@ -1,52 +1,64 @@
-"""Named model shapes and the four variants as ``pretrain_gpt.py`` flags.
+"""Named model shapes and the four variants as ``pretrain_gpt.py`` flags, read from the example configs.
 
-One definition for the tools that compare variants at a fixed shape (``tools/bench_train.py``,
-``tools/parallel_numerics.py``, ``tools/wiki_experiment.py``); full runs with their schedules are
-the YAML files in ``examples/configs/``.
+A shape is a family of files in ``examples/configs``: ``130m`` is ``llama_130m_<variant>.yaml``,
+``3b`` is ``llama_3b_<variant>.yaml`` and ``tiny`` is ``tiny_cpu.yaml`` (its LPA model; the dense
+variant is the same with rank 0). Their model sections are the only statement of each shape and
+rank, so the tools that compare variants at a fixed shape (``tools/bench_train.py``,
+``tools/parallel_numerics.py``, ``tools/wiki_experiment.py``) cannot drift from the configs. The
+runs themselves, with schedules and batches, are the YAML files.
 """
 
-from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Optional
 
-LLAMA_STYLE = ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
-               "--disable-bias-linear", "--untie-embeddings-and-output-weights"]
+import yaml
 
+from megatron_lpa.training.arguments import settings_as_flags
+
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
+FAMILIES = {"130m": "llama_130m", "3b": "llama_3b", "tiny": "tiny_cpu"}
+SHAPES = tuple(FAMILIES)
 VARIANTS = ("dense", "lpa", "lowrank_ffn", "lowrank_all")
+# The architecture settings of a config (not its dropout, init, schedule or data).
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+              "kv_channels", "ffn_hidden_size", "seq_length", "max_position_embeddings",
+              "normalization", "norm_epsilon", "swiglu", "activation", "position_embedding_type",
+              "disable_bias_linear", "untie_embeddings_and_output_weights")
 
 
-@dataclass(frozen=True)
-class Shape:
-    """A LLaMA-style model size and the ranks its low-rank variants use."""
-
-    flags: tuple
-    attn_rank: int
-    """LPA's rank of every attention projection."""
-    ffn_rank: int
-    """Rank of every FFN projection in the low-rank-FFN ablations."""
-
-
-def _llama(layers: int, hidden: int, heads: int, ffn: int, seq: int) -> tuple:
-    return tuple(LLAMA_STYLE + ["--num-layers", str(layers), "--hidden-size", str(hidden),
-                                "--num-attention-heads", str(heads), "--ffn-hidden-size", str(ffn),
-                                "--seq-length", str(seq)])
+@lru_cache(maxsize=None)
+def _settings(shape: str, variant: str) -> dict:
+    family = FAMILIES[shape]
+    path = CONFIGS / (f"{family}.yaml" if shape == "tiny" else f"{family}_{variant}.yaml")
+    if not path.is_file():
+        raise SystemExit(f"shape {shape!r} has no {variant} config ({path}); variants with one: "
+                         f"{', '.join(variants(shape))}.")
+    return yaml.safe_load(path.read_text())
 
 
-SHAPES = {
-    # The paper's 130M setting (d768, 12 layers, FFN 2048, seq 256, untied head).
-    "130m": Shape(_llama(12, 768, 12, 2048, 256), attn_rank=128, ffn_rank=384),
-    # Our 3B: 3.37B dense parameters with a 32000 vocabulary.
-    "3b": Shape(_llama(28, 3072, 24, 8192, 2048), attn_rank=768, ffn_rank=2048),
-    # A CPU smoke size: checks scripts, says nothing about speed or quality.
-    "tiny": Shape(_llama(2, 64, 4, 128, 64), attn_rank=16, ffn_rank=32),
-}
+def variants(shape: str) -> list:
+    """The variants ``shape`` has a config for."""
+    if shape == "tiny":
+        return ["dense", "lpa"]
+    return [v for v in VARIANTS if (CONFIGS / f"{FAMILIES[shape]}_{v}.yaml").is_file()]
+
+
+def ranks(shape: str, variant: str) -> tuple:
+    """(attention rank, FFN rank) of ``variant`` at ``shape``, as its config sets them."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "dense":
+        return 0, 0
+    settings = _settings(shape, "lpa" if shape == "tiny" else variant)
+    return settings.get("lpa_attn_rank", 0), settings.get("lpa_ffn_rank", 0)
 
 
 def model_flags(shape: str, variant: str, attn_rank: Optional[int] = None) -> list:
     """Architecture and rank flags of ``variant`` (one of ``VARIANTS``) at ``shape``; ``attn_rank``
-    replaces the shape's attention rank in the variants that have low-rank attention."""
-    size = SHAPES[shape]
-    lpa_rank = attn_rank or size.attn_rank
-    attn_rank, ffn_rank = {"dense": (0, 0), "lpa": (lpa_rank, 0),
-                           "lowrank_ffn": (0, size.ffn_rank),
-                           "lowrank_all": (lpa_rank, size.ffn_rank)}[variant]
-    return list(size.flags) + ["--lpa-attn-rank", str(attn_rank), "--lpa-ffn-rank", str(ffn_rank)]
+    replaces the config's attention rank in the variants that have low-rank attention."""
+    settings = _settings(shape, "lpa" if shape == "tiny" else "dense")
+    model = {key: settings[key] for key in MODEL_KEYS if key in settings}
+    attn, ffn = ranks(shape, variant)
+    model.update(lpa_attn_rank=(attn_rank or attn) if attn else 0, lpa_ffn_rank=ffn)
+    return settings_as_flags(model, f"{FAMILIES[shape]} config")

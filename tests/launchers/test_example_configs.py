@@ -21,12 +21,17 @@ from megatron_lpa.training.arguments import TrainingConfig, parse_args
 from megatron_lpa.training.trainer import model_config, padded_vocab_size
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-CONFIGS = sorted((EXAMPLES / "configs").glob("*.yaml"))
-PAPER_CONFIGS = [path for path in CONFIGS if path.stem != "tiny_cpu"]
+# Our recipes, and the paper's own runs in paper/ (tests/models/test_paper_fidelity.py checks that
+# those build the paper code's models).
+RECIPES = sorted((EXAMPLES / "configs").glob("*.yaml"))
+PAPER_RUNS = sorted((EXAMPLES / "configs" / "paper").glob("*.yaml"))
+CONFIGS = RECIPES + PAPER_RUNS
+PAPER_CONFIGS = [path for path in RECIPES if path.stem != "tiny_cpu"]
 VOCAB = 32000  # the SentencePiece vocabulary the paper-scale configs state
 BUILD_LIMIT = 400e6  # parameters; larger models are only counted
 SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}
 ids = [path.stem for path in CONFIGS]
+paper_ids = [path.stem for path in PAPER_RUNS]
 
 
 def header(path: Path) -> dict:
@@ -73,9 +78,17 @@ def analytic_params(config: LPAConfig) -> int:
     total += vocab * d  # word embeddings
     if config.position_embedding_type == "learned_absolute":
         total += config.max_sequence_length * d
-    total += layers * 2 * norm + norm  # two norms per layer, the final norm
-    if config.add_bias_linear:  # biases sit on the outputs, dense or factored alike
-        total += layers * (q_width + 2 * kv_width + d + ffn_out + d)
+    total += layers * 2 * norm  # two norms per layer
+    if config.sublayer_norm == "input":
+        total += norm  # the final norm
+    if config.add_bias_linear:
+        # Dense biases sit on the outputs; a low-rank column slot's on A's r-wide output.
+        attn_rank, ffn_rank = config.lpa_attn_rank, config.lpa_ffn_rank
+        qkv_bias = 3 * attn_rank if attn_rank else q_width + 2 * kv_width
+        fc1_bias = ffn_out // config.ffn_hidden_size * ffn_rank if ffn_rank else ffn_out
+        total += layers * (qkv_bias + d + fc1_bias + d)
+    if config.output_layer_bias:
+        total += vocab
     return total
 
 
@@ -89,6 +102,19 @@ def test_parses_and_states_its_size_and_tokens(path, tmp_path, monkeypatch):
     assert cfg.train_iters * cfg.global_batch_size * cfg.seq_length == pytest.approx(
         tokens, abs=tolerance), path.name
     assert cfg.exit_signal_handler, f"{path.name}: Slurm's warning must save (exit_signal_handler)"
+
+
+@pytest.mark.parametrize("path", PAPER_RUNS, ids=paper_ids)
+def test_paper_runs_are_valid_on_the_papers_eight_gpus(path, tmp_path, monkeypatch):
+    """The paper trained on 8 GPUs; each stated layout keeps the run and only splits it."""
+    reference = dataclasses.asdict(load(path, tmp_path, monkeypatch))
+    layouts = header(path)["layouts"]
+    assert 8 in layouts, f"{path.name}: state the paper's 8-GPU layout"
+    for world_size, flags in layouts.items():
+        cfg = dataclasses.asdict(load(path, tmp_path, monkeypatch, world_size, tuple(flags)))
+        changed = {k for k in cfg if cfg[k] != reference[k]}
+        assert changed <= {"micro_batch_size", "data_parallel_size", "num_microbatches"}, (
+            path.name, world_size, changed)
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=[p.stem for p in PAPER_CONFIGS])
@@ -119,7 +145,7 @@ def test_analytic_count_matches_built_models(model_parallel, tmp_path, monkeypat
         assert sum(p.numel() for p in model.parameters()) == expected, path.name
         del model
         built += 1
-    assert built >= 7  # the 130M family, the 370M pair and the tiny model
+    assert built >= 13  # the 130M families, the 370M pairs and the tiny model
 
 
 def test_paper_shapes():
@@ -133,22 +159,68 @@ def test_paper_shapes():
 
 @pytest.mark.parametrize("variant,ranks", [
     ("llama_130m_lpa", {"lpa_attn_rank": 128}),
-    ("llama_130m_lowrank_ffn", {"lpa_ffn_rank": 128}),
-    ("llama_130m_lowrank_all", {"lpa_attn_rank": 128, "lpa_ffn_rank": 128}),
+    ("llama_130m_lowrank_ffn", {"lpa_ffn_rank": 384}),
+    ("llama_130m_lowrank_all", {"lpa_attn_rank": 128, "lpa_ffn_rank": 384}),
     ("gpt_370m_lpa", {"lpa_attn_rank": 320}),
     ("llama_3b_lpa", {"lpa_attn_rank": 768}),
+    ("paper/setting2_130m_lpa", {"lpa_attn_rank": 128}),
+    ("paper/setting2_130m_lowrank_ffn", {"lpa_ffn_rank": 384}),
+    ("paper/setting2_130m_lowrank_all", {"lpa_attn_rank": 128, "lpa_ffn_rank": 384}),
+    ("paper/setting1_370m_lpa", {"lpa_attn_rank": 320}),
 ])
 def test_variants_differ_from_the_dense_baseline_only_in_ranks(variant, ranks, tmp_path,
                                                                monkeypatch):
-    family = "_".join(variant.split("_")[:2])  # llama_130m, gpt_370m, llama_3b
-    dense = dataclasses.asdict(load(EXAMPLES / "configs" / f"{family}_dense.yaml", tmp_path,
-                                    monkeypatch))
-    other = dataclasses.asdict(load(EXAMPLES / "configs" / f"{variant}.yaml", tmp_path,
-                                    monkeypatch))
+    folder, _, name = variant.rpartition("/")
+    family = name[:name.rindex("_lowrank") if "_lowrank" in name else name.rindex("_")]
+    configs = EXAMPLES / "configs" / folder
+    dense = dataclasses.asdict(load(configs / f"{family}_dense.yaml", tmp_path, monkeypatch))
+    other = dataclasses.asdict(load(configs / f"{name}.yaml", tmp_path, monkeypatch))
     assert {k: v for k, v in other.items() if v != dense[k]} == ranks
+
+
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "ffn_hidden_size", "gated_linear_unit", "activation_func",
+                "normalization", "position_embedding_type", "max_sequence_length",
+                "lpa_attn_rank", "lpa_ffn_rank")
+
+
+@pytest.mark.parametrize("recipe,paper", [("llama_130m", "setting2_130m"),
+                                          ("gpt_370m", "setting1_370m")])
+def test_our_recipes_share_the_paper_runs_shapes_and_ranks(recipe, paper, tmp_path, monkeypatch):
+    """One shape per model size: our megatron-style recipes and the paper's runs cannot drift
+    apart (they differ in init, norms, biases and schedule, as their headers say)."""
+    configs = EXAMPLES / "configs"
+    compared = 0
+    for ours in sorted(configs.glob(f"{recipe}_*.yaml")):
+        theirs = configs / "paper" / ours.name.replace(recipe, paper)
+        ours, theirs = (model_of(load(p, tmp_path, monkeypatch)) for p in (ours, theirs))
+        for key in SHAPE_FIELDS:
+            assert getattr(ours, key) == getattr(theirs, key), (recipe, key)
+        compared += 1
+    assert compared == {"llama_130m": 4, "gpt_370m": 2}[recipe]
 
 
 def test_readme_lists_every_config():
     readme = (EXAMPLES / "README.md").read_text()
     for path in CONFIGS:
-        assert f"configs/{path.name}" in readme, f"examples/README.md does not list {path.name}"
+        relative = path.relative_to(EXAMPLES).as_posix()
+        assert relative in readme, f"examples/README.md does not list {relative}"
+
+
+@pytest.mark.parametrize("shape", ["130m", "3b", "tiny"])
+def test_tool_presets_are_the_configs_models(shape, tmp_path, monkeypatch):
+    """The tools' named shapes build exactly the models of the configs they are read from."""
+    from megatron_lpa.training import presets
+
+    for variant in presets.variants(shape):
+        name = "tiny_cpu" if shape == "tiny" else f"{presets.FAMILIES[shape]}_{variant}"
+        from_config = model_of(load(EXAMPLES / "configs" / f"{name}.yaml", tmp_path, monkeypatch))
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        preset = model_of(parse_args(presets.model_flags(shape, variant) + [
+            "--lr", "1e-3", "--train-iters", "1", "--mock-data", "--vocab-size", str(VOCAB)]))
+        for key in SHAPE_FIELDS + ("layernorm_epsilon", "add_bias_linear",
+                                   "share_embeddings_and_output_weights"):
+            expected = getattr(from_config, key)
+            if shape == "tiny" and variant == "dense" and key == "lpa_attn_rank":
+                expected = 0
+            assert getattr(preset, key) == expected, (shape, variant, key)
