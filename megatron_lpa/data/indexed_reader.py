@@ -84,6 +84,10 @@ class IndexedDatasetReader:
         start = int(self.sequence_pointers[first_sequence]) // self.dtype.itemsize
         return self._data[start : start + count]
 
+    def tokens(self) -> np.ndarray:
+        """Every token id of the dataset, documents back to back (a view of the memory map)."""
+        return self._tokens(0, self.num_sequences)
+
     def sequence(self, index: int) -> np.ndarray:
         """Token ids of one sequence (a document, or a sentence)."""
         return self._tokens(index, index + 1)

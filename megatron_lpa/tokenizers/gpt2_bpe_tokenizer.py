@@ -5,6 +5,8 @@ import json
 from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
+
 from megatron_lpa.tokenizers.tokenizer import Tokenizer
 
 try:
@@ -108,3 +110,10 @@ class GPT2BPETokenizer(Tokenizer):
     def detokenize(self, ids: Sequence[int]) -> str:
         text = "".join(self._decoder[int(i)] for i in ids)
         return bytes(self._char_to_byte[c] for c in text).decode("utf-8", errors="replace")
+
+    def token_bytes(self) -> np.ndarray:
+        """Each token is a string of bytes: count them (decoding one id alone would turn a partial
+        UTF-8 character into a 3-byte replacement character)."""
+        lengths = np.array([len(self._decoder[i]) for i in range(self.vocab_size)], dtype=np.int64)
+        lengths[self.eod] = 0
+        return lengths

@@ -58,6 +58,18 @@ class GPTSentencePieceTokenizer(Tokenizer):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._processor.decode([int(i) for i in ids])
 
+    def token_bytes(self) -> np.ndarray:
+        """A piece's text with its word-start mark as the space it stands for (decoding one id
+        alone drops that space); a byte-fallback piece is one byte; control and unknown ids none.
+        Ids past the SentencePiece model (a subclass's extra ids) are special: none."""
+        sp = self._processor
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(sp.get_piece_size()):
+            if sp.is_control(i) or sp.is_unknown(i):
+                continue
+            lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+        return lengths
+
 
 class Llama2Tokenizer(GPTSentencePieceTokenizer):
     """LLaMA-2's ``tokenizer.model``: like GPTSentencePieceTokenizer, but each text starts

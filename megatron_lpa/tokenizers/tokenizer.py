@@ -66,6 +66,15 @@ class Tokenizer(ABC):
     def detokenize(self, ids: Sequence[int]) -> str:
         """Returns the text of token ids."""
 
+    def token_bytes(self) -> np.ndarray:
+        """``[vocab_size]`` int64: how many UTF-8 bytes of text each id stands for (0 for special
+        ids), so that a loss in nats per token becomes bits per byte: ``sum(nats) / ln 2 /
+        sum(token_bytes[targets])``, comparable across tokenizers. This default decodes each id
+        alone; subclasses whose single-id decode drops or invents characters override it."""
+        special = {self.eod, self.pad, self.bos, self.eos}
+        return np.array([0 if i in special else len(self.detokenize([i]).encode("utf-8"))
+                         for i in range(self.vocab_size)], dtype=np.int64)
+
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Returns the token ids of each text; subclasses batch this for speed."""
         return [self.tokenize(text) for text in texts]

@@ -142,6 +142,19 @@ def save_checkpoint(
     _on_rank0(lambda: _publish(root, Path(temp), final, iteration))
 
 
+def saved_config(load_dir: str) -> dict:
+    """The run config (``TrainingConfig.to_dict()``) saved with ``load_dir``'s latest checkpoint."""
+    iteration = latest_iteration(load_dir)
+    if iteration is None:
+        raise CheckpointError(f"{load_dir} holds no checkpoint ({TRACKER_FILENAME} is missing); "
+                              "give the --save directory of a run that saved one.")
+    config = _read_common(load_dir, iteration).get("config")
+    if not config:
+        raise CheckpointError(f"{checkpoint_dir(load_dir, iteration)} was saved without its run "
+                              "config; pass the model flags it was trained with.")
+    return config
+
+
 def _ignore_termination_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

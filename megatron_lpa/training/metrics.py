@@ -71,10 +71,15 @@ class MetricsLogger:
             parts.append(f"skipped {skipped}")
         self._emit(" | ".join(p for p in parts if p), scalars, iteration, "train")
 
-    def log_eval(self, iteration: int, split: str, loss: float) -> None:
-        perplexity = float(torch.tensor(min(loss, 20.0)).exp())
-        line = f"{split} at iteration {iteration}: loss {loss:.4f} | perplexity {perplexity:.2f}"
-        self._emit(line, {"lm loss": loss, "ppl": perplexity}, iteration, split)
+    def log_eval(self, iteration: int, split: str, totals) -> None:
+        """One evaluation's ``LossTotals``: loss, perplexity and (with a tokenizer) bits per byte."""
+        line = (f"{split} at iteration {iteration}: loss {totals.loss:.4f} | "
+                f"perplexity {totals.perplexity:.2f}")
+        scalars = {"lm loss": totals.loss, "ppl": totals.perplexity}
+        if totals.bits_per_byte is not None:
+            line += f" | bits per byte {totals.bits_per_byte:.4f}"
+            scalars["bpb"] = totals.bits_per_byte
+        self._emit(line, scalars, iteration, split)
 
     def _emit(self, line: str, scalars: dict, iteration: int, group: str) -> None:
         if not self.enabled:

@@ -44,6 +44,8 @@ from megatron_lpa.tokenizers import build_tokenizer
 from megatron_lpa.training.arguments import TrainingConfig
 from megatron_lpa.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lpa.training.data_loading import build_datasets, check_data, micro_batches
+from megatron_lpa.training.evaluation import (evaluate, forward_step, reduce_reports,
+                                              token_bytes_on_device)
 from megatron_lpa.training.metrics import MetricsLogger
 from megatron_lpa.training.optimizer_kernels import (step_without_host_sync,
                                                        use_fast_optimizer_kernels)
@@ -91,29 +93,6 @@ def model_config(cfg: TrainingConfig, vocab_size: int) -> LPAConfig:
     )
 
 
-def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Token-mean loss of a micro-batch; reports (sum, tokens) so means over steps are exact."""
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (output.float().reshape(-1) * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach().clone(), mask.sum()])
-    return loss_sum, num_tokens, {"lm loss": report}
-
-
-def forward_step(data_iterator, model):
-    """megatron's forward-step contract: (per-token losses, loss function)."""
-    batch = next(data_iterator)
-    device = device_type()
-    tokens, labels, loss_mask, positions = (
-        batch[key].to(device, non_blocking=True)
-        for key in ("tokens", "labels", "loss_mask", "position_ids"))
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device, non_blocking=True)
-    output = model(tokens, positions, attention_mask, labels=labels)  # [b, s] losses
-    return output, partial(_loss_func, loss_mask)
-
-
 class Trainer:
     """Pretraining of one ``TrainingConfig``: ``Trainer(cfg).train()``."""
 
@@ -140,6 +119,8 @@ class Trainer:
                                              cfg.vocab_file, cfg.merge_file, cfg.vocab_size)
             vocab = self.tokenizer.vocab_size
         self.config = model_config(cfg, padded_vocab_size(vocab, cfg))
+        self.forward_step = partial(
+            forward_step, token_bytes=token_bytes_on_device(self.tokenizer, self.config.vocab_size))
         self.model = [self._build_model()]
         self.optimizer = get_megatron_optimizer(self._optimizer_config(), self.model)
         self.scheduler = self._build_scheduler()
@@ -223,18 +204,9 @@ class Trainer:
             # (BENCHMARKS.md). Order the copy after everything queued so far.
             self.forward_backward.static_loader.stream.wait_stream(torch.cuda.current_stream())
         return self.forward_backward(
-            forward_step_func=forward_step, data_iterator=iterator, model=self.model,
+            forward_step_func=self.forward_step, data_iterator=iterator, model=self.model,
             num_microbatches=self.cfg.num_microbatches, seq_length=self.cfg.seq_length,
             micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
-
-    @staticmethod
-    def _mean_loss(reports: list) -> torch.Tensor:
-        """(sum, tokens) over micro-batches and DP ranks -> [sum, tokens] on the last stage."""
-        if not reports:
-            return torch.zeros(2, device=device_type())
-        total = torch.stack([r["lm loss"] for r in reports]).sum(0)
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return total
 
     @torch.no_grad()
     def _optimizer_step(self) -> tuple:
@@ -278,7 +250,7 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        total = self._mean_loss(self._run_schedule(self.train_iterator, forward_only=False))
+        total = reduce_reports(self._run_schedule(self.train_iterator, forward_only=False))[:2]
         grad_norm, skipped = self._optimizer_step()
         self.scheduler.step(increment=1)
         self.state["iteration"] += 1
@@ -287,20 +259,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, iterator, split: str) -> float:
-        """Mean token loss over ``eval_iters`` steps of ``iterator`` (logged with perplexity)."""
+        """Mean token loss over ``eval_iters`` steps of ``iterator`` (logged with perplexity and,
+        with a tokenizer, bits per byte)."""
         for chunk in self.model:
             chunk.eval()
-        total = torch.zeros(2, device=device_type())
-        for _ in range(self.cfg.eval_iters):
-            total += self._mean_loss(self._run_schedule(iterator, forward_only=True))
-            if split == "validation":
-                self.state["consumed_valid_samples"] += self.cfg.global_batch_size
+        totals = evaluate(partial(self._run_schedule, forward_only=True), iterator,
+                          self.cfg.eval_iters)
+        if split == "validation":
+            self.state["consumed_valid_samples"] += self.cfg.eval_iters * self.cfg.global_batch_size
         for chunk in self.model:
             chunk.train()
-        loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
         if parallel_state.is_pipeline_last_stage():
-            self.logger.log_eval(self.state["iteration"], split, loss)
-        return loss
+            self.logger.log_eval(self.state["iteration"], split, totals)
+        return totals.loss
 
     # ----- loop ------------------------------------------------------------------------------
     def train(self) -> None:

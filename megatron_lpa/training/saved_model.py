@@ -1,0 +1,76 @@
+"""A trained model back from its checkpoint: the run's config, tokenizer and weights, at any layout.
+
+The checkpoint stores the run's resolved config; this rebuilds the model from it (this run's
+TP/PP sizes, megatron-core resharding the weights) for evaluation, generation and export.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron.core import parallel_state
+
+from megatron_lpa.models.builder import build_model
+from megatron_lpa.models.lpa_config import LPAConfig
+from megatron_lpa.platform.distributed import device_type, initialize_distributed, set_seed
+from megatron_lpa.tokenizers import build_tokenizer
+from megatron_lpa.training.arguments import TrainingConfig, validate
+from megatron_lpa.training.checkpointing import load_checkpoint, saved_config
+from megatron_lpa.training.trainer import model_config, padded_vocab_size
+
+
+@dataclass
+class SavedModel:
+    model: torch.nn.Module
+    """This pipeline stage's ``LPAGPTModel``, in eval mode, on the device."""
+    cfg: TrainingConfig
+    """The run's config with this process's layout and batch."""
+    config: LPAConfig
+    tokenizer: Optional[object]
+    iteration: int
+
+
+def load_saved_model(load_dir: str, tensor_model_parallel_size: int = 1,
+                     pipeline_model_parallel_size: int = 1, micro_batch_size: int = 1,
+                     tokenizer_model: Optional[str] = None) -> SavedModel:
+    """Joins the process group, builds the saved run's model for this layout and loads it.
+
+    Args:
+        load_dir: a ``--save`` directory; its latest checkpoint is loaded.
+        tensor_model_parallel_size, pipeline_model_parallel_size: this run's layout (the world
+            size must be a multiple of their product; the rest is data parallel).
+        micro_batch_size: samples per data-parallel rank per step.
+        tokenizer_model: the tokenizer file, where it moved since training.
+    """
+    saved = saved_config(load_dir)
+    known = {f.name for f in dataclasses.fields(TrainingConfig)}
+    cfg = TrainingConfig(**{k: v for k, v in saved.items() if k in known})
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = world // (tensor_model_parallel_size * pipeline_model_parallel_size)
+    cfg = dataclasses.replace(
+        cfg, tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        micro_batch_size=micro_batch_size, global_batch_size=micro_batch_size * max(dp, 1),
+        sequence_parallel=cfg.sequence_parallel and tensor_model_parallel_size > 1,
+        tokenizer_model=tokenizer_model or cfg.tokenizer_model, load=load_dir, save=None,
+        save_interval=None, cuda_graph=False, train_samples=None,
+        train_iters=cfg.train_iters or 1)
+    validate(cfg, world)
+    initialize_distributed(tensor_model_parallel_size, pipeline_model_parallel_size)
+    set_seed(cfg.seed)
+    tokenizer, vocab = None, cfg.vocab_size
+    if cfg.tokenizer_type:
+        tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_file,
+                                    cfg.merge_file, cfg.vocab_size)
+        vocab = tokenizer.vocab_size
+    config = dataclasses.replace(model_config(cfg, padded_vocab_size(vocab, cfg)),
+                                 perform_initialization=False)
+    model = build_model(config, pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage())
+    if device_type() == "cuda":
+        model.cuda(torch.cuda.current_device())
+    state = load_checkpoint(load_dir, [model], None, None)
+    return SavedModel(model.eval(), cfg, config, tokenizer, state["iteration"])
