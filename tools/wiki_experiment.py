@@ -1,40 +1,35 @@
-"""LPA vs dense on real text: the paper's 130M comparison on wiki-en-2014, one GPU, one call.
+"""LPA vs dense on real text: the paper's setting-2 runs (or any config family) on wiki-en-2014.
 
-    python tools/wiki_experiment.py --data-dir ../shared/data/wiki-en-2014 \
+    python tools/wiki_experiment.py --data-dir <wiki-en-2014> \
         --shards train_00 train_01 train_02 --tokenizer-model wiki32k.model \
-        --variants dense lpa --seed 1 --output-dir runs/wiki
+        --variants dense lpa --seed 1 --epochs 1 --tag paper --output-dir runs/wiki
 
-Tokenises the given train shards and the validation shard with tools/preprocess_data.py, sizes the
-run so that no training token is seen twice (one epoch of what was given), then trains each variant
-with pretrain_gpt.py on the same data, schedule and seed, writing ``<variant>_seed<seed>.jsonl``
-(every log record with elapsed time) and ``summary.json``. ``tools/plot_experiment.py`` turns the
-records of several calls into curves and a table. With all eight shards and a larger
-``--global-batch-size`` the same script runs the comparison at full scale on any GPU.
-
-Flags after ``--`` go to every run, and ``--tag`` names those runs ``<variant>_<tag>``: the same
-data with megatron-core's unfused path, for instance (``--tag unfused -- --no-fused-kernels``).
+Tokenises the given train shards and ``valid.jsonl.zst`` with tools/preprocess_data.py (reusing
+a tokenised copy already in the output directory), then trains each variant from
+``--config-family``'s config (``<family>_<variant>.yaml``: shapes, init, optimiser, schedule,
+batch) for ``--epochs`` passes over the given shards, with validation over the whole held-out
+shard ``--evals`` times, on the same data order and seed; flags after ``--`` go to every run
+(``-- --init-style megatron`` for our recipe). Each run ``<variant>_<tag>_seed<seed>`` writes its
+log records (``.jsonl``, with elapsed time) and, from its final checkpoint, tools/evaluate.py's
+perplexity and bits per byte on the whole held-out shard (``_eval.json``).
+``tools/plot_experiment.py`` turns a folder of them into curves and tables.
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from megatron_lpa.data.indexed_reader import IndexedDatasetReader
-from megatron_lpa.training.presets import VARIANTS, model_flags
+from megatron_lpa.training.presets import VARIANTS
 
 REPO = Path(__file__).resolve().parent.parent
-
-NO_DROPOUT = ["--hidden-dropout", "0", "--attention-dropout", "0"]
-# Same optimiser and schedule for every variant: AdamW (0.9, 0.95), eps 1e-5, lr 1e-3 cosine to
-# 1e-4 after 10% linear warm-up, no weight decay, clip 1.0 (as the paper's training code).
-# (--lr sets the peak; the final lr is a tenth of it.)
-OPTIMIZER = ["--lr-decay-style", "cosine",
-             "--lr-warmup-fraction", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
-             "--adam-eps", "1e-5", "--weight-decay", "0.0", "--clip-grad", "1.0"]
-PAPER_LR = 1e-3
+PAPER_SETTING2 = REPO / "examples/configs/paper/setting2_130m"
 
 
 def preprocess(inputs: list, prefix: Path, tokenizer_model: str, workers: int) -> str:
@@ -50,23 +45,22 @@ def preprocess(inputs: list, prefix: Path, tokenizer_model: str, workers: int) -
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True,
+                        help="a folder of Pile-format shards: <shard>.jsonl.zst and valid.jsonl.zst")
     parser.add_argument("--shards", nargs="+", required=True, help="train shard names (no suffix)")
     parser.add_argument("--tokenizer-model", required=True)
+    parser.add_argument("--config-family", default=str(PAPER_SETTING2),
+                        help="configs <family>_<variant>.yaml (default: the paper's setting 2)")
     parser.add_argument("--variants", nargs="+", default=["dense", "lpa"], choices=VARIANTS)
-    parser.add_argument("--attn-ranks", type=int, nargs="+",
-                        help="LPA ranks to run instead of the preset's 128 (a rank sweep); runs "
-                             "are named <variant>_r<rank>")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=PAPER_LR,
-                        help="peak learning rate; runs at another than the paper's 1e-3 are "
-                             "named <variant>_lr<lr>")
-    parser.add_argument("--global-batch-size", type=int, default=512)
-    parser.add_argument("--micro-batch-size", type=int, default=64)
-    parser.add_argument("--eval-interval", type=int, default=25)
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the train shards")
+    parser.add_argument("--global-batch-size", type=int, help="default: the config's")
+    parser.add_argument("--micro-batch-size", type=int, default=64, help="per GPU")
+    parser.add_argument("--evals", type=int, default=20, help="validations per run")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--output-dir", default="runs/wiki")
-    parser.add_argument("--tag", help="suffix of the run names (with flags after --)")
+    parser.add_argument("--tag", default="run", help="names this group of runs")
+    parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("extra", nargs="*", help="flags after -- go to every run")
     args = parser.parse_args()
 
@@ -75,46 +69,43 @@ def main():
     data = Path(args.data_dir)
     train = preprocess([str(data / f"{s}.jsonl.zst") for s in args.shards], out / "data/train",
                        args.tokenizer_model, args.workers)
-    valid = preprocess([str(data / "valid.jsonl.zst")], out / "data/valid", args.tokenizer_model,
-                       args.workers)
-    seq = 256
-    train_tokens = int(IndexedDatasetReader(train).sequence_lengths.sum())
-    valid_tokens = int(IndexedDatasetReader(valid).sequence_lengths.sum())
-    tokens_per_step = args.global_batch_size * seq
-    # One epoch: GPTDataset samples overlap by one token, so tokens // seq samples exist.
-    train_iters = (train_tokens // seq) // args.global_batch_size - 1
-    eval_iters = max(1, (valid_tokens // seq) // args.global_batch_size)
-    summary = {"train_tokens": train_tokens, "valid_tokens": valid_tokens,
-               "train_iters": train_iters, "tokens_per_step": tokens_per_step,
-               "eval_iters": eval_iters, "seed": args.seed, "runs": {}}
-    print(json.dumps(summary), flush=True)
-    runs = []  # (name, model flags)
+    valid_file = str(data / "valid.jsonl.zst")
+    valid = preprocess([valid_file], out / "data/valid", args.tokenizer_model, args.workers)
     for variant in args.variants:
-        if args.attn_ranks and variant in ("lpa", "lowrank_all"):
-            runs += [(f"{variant}_r{rank}", model_flags("130m", variant, attn_rank=rank))
-                     for rank in args.attn_ranks]
-        else:
-            runs.append((variant, model_flags("130m", variant)))
-    for variant, flags in runs:
-        if args.lr != PAPER_LR:
-            variant = f"{variant}_lr{args.lr:g}"
-        if args.tag:
-            variant = f"{variant}_{args.tag}"
-        log = out / f"{variant}_seed{args.seed}.jsonl"
+        config = Path(f"{args.config_family}_{variant}.yaml")
+        settings = yaml.safe_load(config.read_text())
+        seq = settings["seq_length"]
+        batch = args.global_batch_size or settings["global_batch_size"]
+        train_tokens = int(IndexedDatasetReader(train).sequence_lengths.sum())
+        valid_tokens = int(IndexedDatasetReader(valid).sequence_lengths.sum())
+        # GPTDataset's samples overlap by one token: tokens // seq samples an epoch.
+        train_iters = args.epochs * (train_tokens // seq) // batch
+        eval_iters = -(-(valid_tokens // seq) // batch)  # the whole held-out shard, once
+        name = f"{variant}_{args.tag}_seed{args.seed}"
+        log, checkpoint = out / f"{name}.jsonl", out / "checkpoints" / name
         log.unlink(missing_ok=True)
-        cmd = [sys.executable, str(REPO / "pretrain_gpt.py"), *flags,
-               *NO_DROPOUT, *OPTIMIZER, "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        cmd = [sys.executable, str(REPO / "pretrain_gpt.py"), "--config", str(config),
                "--train-data-path", train, "--valid-data-path", valid,
                "--tokenizer-type", "GPTSentencePieceTokenizer",
-               "--tokenizer-model", args.tokenizer_model, "--bf16",
+               "--tokenizer-model", args.tokenizer_model,
                "--micro-batch-size", str(args.micro_batch_size),
-               "--global-batch-size", str(args.global_batch_size),
-               "--train-iters", str(train_iters), "--eval-interval", str(args.eval_interval),
+               "--global-batch-size", str(batch), "--train-iters", str(train_iters),
+               "--eval-interval", str(max(1, train_iters // args.evals)),
                "--eval-iters", str(eval_iters), "--log-interval", "5", "--seed", str(args.seed),
-               "--data-cache-path", str(out / "data/cache"), "--log-jsonl", str(log), *args.extra]
+               "--data-cache-path", str(out / "data/cache"), "--log-jsonl", str(log),
+               "--save", str(checkpoint), *args.extra]
+        print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-        summary["runs"][variant] = str(log)
-    (out / f"summary_seed{args.seed}.json").write_text(json.dumps(summary, indent=1))
+        subprocess.run([sys.executable, str(REPO / "tools/evaluate.py"), "--load", str(checkpoint),
+                        "--data", valid_file, "--micro-batch-size", str(args.micro_batch_size),
+                        "--output", str(out / f"{name}_eval.json")], check=True)
+        (out / f"{name}_run.json").write_text(json.dumps(
+            {"command": cmd, "train_tokens": train_tokens, "valid_tokens": valid_tokens,
+             "train_iters": train_iters, "tokens_per_step": batch * seq, "epochs": args.epochs},
+            indent=1))
+        if not args.keep_checkpoints:
+            shutil.rmtree(checkpoint)
 
 
 if __name__ == "__main__":
