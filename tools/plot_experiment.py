@@ -1,12 +1,14 @@
-"""Curves and a table from the ``--log-jsonl`` records of ``tools/wiki_experiment.py`` runs.
+"""Curves and tables from a folder of ``tools/wiki_experiment.py`` runs.
 
-    python tools/plot_experiment.py docs/results --tokens-per-step 65536
+    python tools/plot_experiment.py docs/results/2026-12-06
 
-Reads every ``<variant>_seed<n>.jsonl`` in the folder and writes ``valid_ppl_vs_tokens.png``,
-``valid_ppl_vs_time.png`` (the four variants), ``valid_ppl_sweep.png`` (rank and learning-rate
-runs beside dense and LPA, if any) and prints a Markdown table: final validation perplexity (mean over
-seeds, and each seed), median tokens/s, peak memory, training time, and the time each variant needed
-to reach dense's final perplexity.
+Runs are grouped by their tag (``<variant>_<tag>_seed<n>``). For each group it writes
+``<tag>_ppl_vs_tokens.png`` and ``<tag>_ppl_vs_time.png`` (validation perplexity of every run),
+``<tag>_gap.png`` when the group repeats its data (validation minus training loss: who overfits
+first), and prints a Markdown table: final perplexity and bits per byte on the whole held-out
+shard (tools/evaluate.py on the final checkpoint; mean over seeds and each seed), median training
+tokens/s, peak memory, training time and the time each variant needed to reach dense's final
+validation perplexity.
 """
 
 import argparse
@@ -20,37 +22,39 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def load_runs(folder: Path) -> dict:
-    """{variant: {seed: [records]}} from ``<variant>_seed<seed>.jsonl`` files."""
-    runs = defaultdict(dict)
-    for path in sorted(folder.glob("*_seed*.jsonl")):
-        variant, seed = path.stem.rsplit("_seed", 1)
-        runs[variant][int(seed)] = [json.loads(line) for line in path.read_text().splitlines()]
-    return runs
+ORDER = ("dense", "lpa", "lowrank_ffn", "lowrank_all")
 
 
-def validation(records: list) -> list:
-    return [r for r in records if r["split"] == "validation"]
+def load_groups(folder: Path) -> dict:
+    """{tag: {variant: {seed: run}}}; a run holds its records, its final evaluation and settings."""
+    groups = defaultdict(lambda: defaultdict(dict))
+    for log in sorted(folder.glob("*_seed*.jsonl")):
+        name, seed = log.stem.rsplit("_seed", 1)
+        variant = next((v for v in sorted(ORDER, key=len, reverse=True)
+                        if name == v or name.startswith(v + "_")), None)
+        evaluation, settings = (folder / f"{log.stem}_{kind}.json" for kind in ("eval", "run"))
+        if variant is None or not evaluation.exists():
+            continue
+        groups[name[len(variant) + 1:]][variant][int(seed)] = {
+            "records": [json.loads(line) for line in log.read_text().splitlines()],
+            "eval": next(iter(json.loads(evaluation.read_text())["datasets"].values())),
+            "run": json.loads(settings.read_text())}
+    return groups
 
 
-def time_to_reach(records: list, target_ppl: float):
-    for r in validation(records):
-        if r["ppl"] <= target_ppl:
-            return r["elapsed_s"]
-    return None
+def split(run: dict, name: str) -> list:
+    return [r for r in run["records"] if r["split"] == name]
 
 
-def plot(runs: dict, variants: list, x_key: str, tokens_per_step: int, path: Path) -> None:
-    """Validation perplexity of ``variants`` (every seed) against tokens or wall-clock time."""
+def plot_curves(variants: dict, x_key: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for color, variant in enumerate(variants):
-        for seed, records in sorted(runs[variant].items()):
-            points = validation(records)
-            xs = [p[x_key] * (tokens_per_step / 1e6 if x_key == "iteration" else 1)
-                  for p in points]
-            ax.plot(xs, [p["ppl"] for p in points], label=f"{variant} seed {seed}",
-                    color=f"C{color}", linestyle="-" if seed == min(runs[variant]) else "--")
+    for color, (variant, seeds) in enumerate(variants.items()):
+        for seed, run in sorted(seeds.items()):
+            points = split(run, "validation")
+            scale = run["run"]["tokens_per_step"] / 1e6 if x_key == "iteration" else 1
+            ax.plot([p[x_key] * scale for p in points], [p["ppl"] for p in points],
+                    label=f"{variant} seed {seed}", color=f"C{color}",
+                    linestyle="-" if seed == min(seeds) else "--")
     ax.set_xlabel("training tokens (M)" if x_key == "iteration" else "wall-clock seconds")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -61,39 +65,70 @@ def plot(runs: dict, variants: list, x_key: str, tokens_per_step: int, path: Pat
     plt.close(fig)
 
 
+def plot_gap(variants: dict, path: Path) -> None:
+    """Validation loss minus the training loss logged nearest before it, against tokens."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for color, (variant, seeds) in enumerate(variants.items()):
+        for seed, run in sorted(seeds.items()):
+            train, tokens_per_step = split(run, "train"), run["run"]["tokens_per_step"]
+            xs, gaps = [], []
+            for point in split(run, "validation"):
+                before = [t for t in train if t["iteration"] <= point["iteration"]]
+                if before:
+                    xs.append(point["iteration"] * tokens_per_step / 1e6)
+                    gaps.append(point["lm loss"] - before[-1]["lm loss"])
+            ax.plot(xs, gaps, label=f"{variant} seed {seed}", color=f"C{color}")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("validation loss - training loss (nats)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def time_to_reach(run: dict, target_ppl: float):
+    return next((r["elapsed_s"] for r in split(run, "validation") if r["ppl"] <= target_ppl), None)
+
+
+def table(variants: dict) -> list:
+    dense_final = statistics.mean(split(run, "validation")[-1]["ppl"]
+                                  for run in variants["dense"].values())
+    lines = ["| variant | final ppl (mean) | per seed | bits/byte (mean) | per seed | tokens/s "
+             "(median) | peak GiB | train time s | time to dense's final ppl |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for variant, seeds in variants.items():
+        ppl = {s: run["eval"]["perplexity"] for s, run in sorted(seeds.items())}
+        bpb = {s: run["eval"]["bits_per_byte"] for s, run in sorted(seeds.items())}
+        train = [r for run in seeds.values() for r in split(run, "train")]
+        speeds = [r["tokens-per-sec"] for r in train[1:]]  # the first window includes start-up
+        elapsed = statistics.mean(split(run, "train")[-1]["elapsed_s"] for run in seeds.values())
+        reached = [time_to_reach(run, dense_final) for run in seeds.values()]
+        reach = "never" if None in reached else f"{statistics.mean(reached):.0f} s"
+        lines.append(
+            f"| {variant} | {statistics.mean(ppl.values()):.2f} | "
+            + ", ".join(f"{p:.2f}" for p in ppl.values())
+            + f" | {statistics.mean(bpb.values()):.4f} | "
+            + ", ".join(f"{b:.4f}" for b in bpb.values())
+            + f" | {statistics.median(speeds):,.0f} | {max(r['memory-gib'] for r in train):.1f} "
+            f"| {elapsed:.0f} | {reach} |")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder")
-    parser.add_argument("--tokens-per-step", type=int, required=True)
     args = parser.parse_args()
     folder = Path(args.folder)
-    runs = load_runs(folder)
-    order = [v for v in ("dense", "lpa", "lowrank_ffn", "lowrank_all") if v in runs]
-    # Other runs (rank sweep <variant>_r<rank>, learning rates <variant>_lr<lr>) get their own plot.
-    extra = sorted(v for v in runs if v not in order)
-    plots = [(order, "iteration", "valid_ppl_vs_tokens.png"),
-             (order, "elapsed_s", "valid_ppl_vs_time.png")]
-    if extra:
-        plots.append((["dense", "lpa"] + extra, "iteration", "valid_ppl_sweep.png"))
-    for variants, x_key, name in plots:
-        plot(runs, variants, x_key, args.tokens_per_step, folder / name)
-
-    dense_final = statistics.mean(validation(r)[-1]["ppl"] for r in runs["dense"].values())
-    print("| variant | final valid ppl (mean) | per seed | tokens/s (median) | peak GiB | "
-          "train time s | time to dense's final ppl |")
-    print("|---|---|---|---|---|---|---|")
-    for variant in order + extra:
-        finals = {s: validation(r)[-1]["ppl"] for s, r in sorted(runs[variant].items())}
-        train = [r for recs in runs[variant].values() for r in recs if r["split"] == "train"]
-        speeds = [r["tokens-per-sec"] for r in train[1:]]  # the first window includes start-up
-        elapsed = statistics.mean(recs[-1]["elapsed_s"] for recs in runs[variant].values())
-        reached = [time_to_reach(r, dense_final) for r in runs[variant].values()]
-        reach = ("never" if any(t is None for t in reached)
-                 else f"{statistics.mean(reached):.0f} s")
-        print(f"| {variant} | {statistics.mean(finals.values()):.2f} | "
-              + ", ".join(f"{p:.2f}" for p in finals.values())
-              + f" | {statistics.median(speeds):,.0f} | {max(r['memory-gib'] for r in train):.1f} "
-              f"| {elapsed:.0f} | {reach} |")
+    for tag, variants in sorted(load_groups(folder).items()):
+        variants = {v: variants[v] for v in ORDER if v in variants}
+        plot_curves(variants, "iteration", folder / f"{tag}_ppl_vs_tokens.png")
+        plot_curves(variants, "elapsed_s", folder / f"{tag}_ppl_vs_time.png")
+        if any(run["run"]["epochs"] > 1 for seeds in variants.values() for run in seeds.values()):
+            plot_gap(variants, folder / f"{tag}_gap.png")
+        print(f"\n### {tag}\n")
+        print("\n".join(table(variants)))
 
 
 if __name__ == "__main__":
