@@ -199,12 +199,13 @@ def main():
                     print(f"\n== {variant}, {mode} ({args.shape})")
                 flags = variant_flags(args.shape, variant) + MODES[mode] + args.extra
                 try:
-                    runs.setdefault(key, []).append(
-                        measure(flags, args.warmup, args.steps, args.profile))
+                    result = measure(flags, args.warmup, args.steps, args.profile)
                 except Exception as error:  # report it and go on with the other configurations
-                    failed[key] = f"{type(error).__name__}: {error}"
-                    print(f"FAILED {key}: {failed[key]}", flush=True)
+                    failed[key] = _failure(error)
+                    print(f"FAILED {variant}, {mode} ({args.shape}): {failed[key]}", flush=True)
                     destroy_distributed(keep_process_group=True)
+                    continue
+                runs.setdefault(key, []).append(result)
     destroy_distributed()
     results = {}
     for key, rounds in runs.items():
@@ -229,9 +230,23 @@ def main():
         print(f"{variant:<12} {mode:<9} {r['params_per_rank_m']:>10.1f}M {r['step_ms']:>9.1f} "
               f"{r['tokens_per_s']:>11,.0f} {r['tflops_per_device']:>8.1f} {mfu:>6} "
               f"{r['peak_memory_gib']:>9.1f} {ratios[0]:>9} {ratios[1]:>11}")
+    for key, reason in failed.items():
+        variant, mode = key.split("/")
+        print(f"{variant:<12} {mode:<9} FAILED: {reason}")
     with open(args.output, "w") as f:
         json.dump({"shape": args.shape, "extra_flags": args.extra, "results": results,
                    "failed": failed}, f, indent=1)
+
+
+def _failure(error: Exception) -> str:
+    """What went wrong, by name: out of GPU memory says how much the step wanted of the card."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.empty_cache()
+        return (f"out of GPU memory (peak {peak:.1f} GiB allocated of the card's {total:.1f} "
+                f"GiB): {str(error).splitlines()[0]}")
+    return f"{type(error).__name__}: {error}"
 
 
 if __name__ == "__main__":
