@@ -131,6 +131,9 @@ class TrainingConfig:
     load: Optional[str] = _opt(None, "Checkpoint directory to resume from.")
     save_interval: Optional[int] = _opt(None, "Steps between checkpoints.")
     no_load_optim: bool = _opt(False, "Load model weights only (new optimizer and schedule).")
+    fallback_to_previous_checkpoint: bool = _opt(
+        False, "When the --load checkpoint fails its checksums, load the newest intact earlier one "
+               "(the pointer file then names it) instead of stopping.")
     # Logging.
     log_interval: int = _opt(100, "Steps between log lines.")
     tensorboard_dir: Optional[str] = _opt(None, "TensorBoard event directory.")

@@ -42,7 +42,8 @@ from megatron_lpa.platform.distributed import (
 )
 from megatron_lpa.tokenizers import build_tokenizer
 from megatron_lpa.training.arguments import TrainingConfig
-from megatron_lpa.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lpa.training.checkpointing import (latest_iteration, load_checkpoint,
+                                                 save_checkpoint)
 from megatron_lpa.training.data_loading import build_datasets, check_data, micro_batches
 from megatron_lpa.training.metrics import MetricsLogger
 from megatron_lpa.training.optimizer_kernels import (step_without_host_sync,
@@ -166,7 +167,8 @@ class Trainer:
         loaded = None
         if Path(load_dir).is_dir():
             loaded = load_checkpoint(load_dir, self.model, self.optimizer, self.scheduler,
-                                     load_optim=not self.cfg.no_load_optim)
+                                     load_optim=not self.cfg.no_load_optim,
+                                     fall_back=self.cfg.fallback_to_previous_checkpoint)
         if dist.get_rank() == 0:
             print(f"--load {load_dir}: no checkpoint yet, starting from scratch." if loaded is None
                   else f"Resumed from {load_dir} at iteration {loaded['iteration']} "
@@ -306,10 +308,13 @@ class Trainer:
 
         The host reads a step's statistics one step late (``_StepReadout``), so it queues step
         ``t + 1`` while the device still runs step ``t``; steps that log, evaluate, save or exit
-        are read at once.
+        are read at once, and so is the step after a save: a checkpoint saved at an interval is
+        published only once the next step, run from its weights, has a finite loss and gradient
+        norm (``_settle_unpublished``).
         """
         cfg = self.cfg
         self._start, self._nonfinite, self._window = time.time(), 0, _LogWindow()
+        self._last_step_finite, self._unpublished = True, None
         lagging = None
         while self.state["iteration"] < cfg.train_iters:
             stats = self.train_step()
@@ -324,13 +329,14 @@ class Trainer:
             evaluate = bool(self.valid_iterator and cfg.eval_iters
                             and iteration % cfg.eval_interval == 0)
             save = bool(cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0)
-            if stop or evaluate or save or self._logs_at(iteration):
+            if stop or evaluate or save or self._unpublished or self._logs_at(iteration):
                 stop |= self._account(lagging)
                 lagging = None
+                self._settle_unpublished()
             if evaluate:
                 self.evaluate(self.valid_iterator, "validation")
             if save:
-                self.save()
+                self.save(final=stop or iteration == cfg.train_iters)
             if stop:
                 if self.logger.enabled:
                     print(f"Exiting at iteration {iteration} (signal, time or exit interval).",
@@ -358,6 +364,7 @@ class Trainer:
         loss_sum, tokens, grad_norm, skipped = values[:4]
         iteration = readout.iteration
         window.steps += 1
+        self._last_step_finite = not skipped and math.isfinite(loss_sum)
         if skipped:
             self._nonfinite, window.skipped = self._nonfinite + 1, window.skipped + 1
             if self.logger.enabled:
@@ -399,10 +406,54 @@ class Trainer:
     def _on_sigterm(self, signum, frame) -> None:
         self._signal_received = True
 
-    def save(self) -> None:
-        self._saved_at = self.state["iteration"]
-        save_checkpoint(self.cfg.save, self.state["iteration"], self.model, self.optimizer,
-                        self.scheduler, dict(self.state), self.cfg.to_dict())
+    def save(self, final: bool = True) -> None:
+        """Saves a checkpoint of the state after the last step, which has been accounted for.
+
+        Nothing is saved when that step's loss or gradient norm, or any weight, is not finite:
+        resuming from it would repeat the divergence, so the last good checkpoint stays the
+        latest. Weights can be finite and still broken (a huge update); the next step shows it,
+        so a save that is not ``final`` stays unpublished until then.
+        """
+        iteration = self._saved_at = self.state["iteration"]
+        if not self._all_finite(weights=True):
+            self._warn_not_saved(f"not saving iteration {iteration}: its loss, gradient norm or "
+                                 "weights are not finite")
+            return
+        self._unpublished = save_checkpoint(
+            self.cfg.save, iteration, self.model, self.optimizer, self.scheduler,
+            dict(self.state), self.cfg.to_dict(), publish=final)
+
+    def _settle_unpublished(self) -> None:
+        """Publishes the checkpoint saved before the step just accounted for, if that step was
+        finite; else deletes it."""
+        written, self._unpublished = self._unpublished, None
+        if written is None:
+            return
+        if self._all_finite(weights=False):
+            written.publish()
+            return
+        written.discard()
+        self._warn_not_saved(f"dropped the checkpoint of iteration {written.iteration}: the step "
+                             "after it had a non-finite loss or gradient norm")
+
+    @torch.no_grad()
+    def _all_finite(self, weights: bool) -> bool:
+        """Whether the last step's loss and gradient norm were finite on every rank (and, with
+        ``weights``, every weight is)."""
+        finite = torch.tensor(self._last_step_finite, device=device_type())
+        if weights:
+            params = [param for chunk in self.model for param in chunk.parameters()]
+            finite &= torch.stack([torch.isfinite(param).all() for param in params]).all()
+        finite = finite.float().reshape(1)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _warn_not_saved(self, what: str) -> None:
+        if self.logger.enabled:
+            latest = latest_iteration(self.cfg.save)
+            kept = (f"the latest checkpoint in {self.cfg.save} stays iteration {latest}"
+                    if latest is not None else "no checkpoint has been published yet")
+            print(f"WARNING: {what}; {kept}.", flush=True)
 
     def close(self, keep_process_group: bool = False) -> None:
         """Closes the loggers and megatron's groups (the process group too, unless kept)."""
