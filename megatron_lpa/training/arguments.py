@@ -292,6 +292,7 @@ def validate(cfg: TrainingConfig, world_size: int) -> None:
         cfg.train_iters = math.ceil(cfg.train_samples / cfg.global_batch_size)
         cfg.train_samples = None
     _require(cfg.train_iters > 0, "--train-iters must be positive.")
+    _validate_schedule(cfg)
     # Data.
     has_data = cfg.data_path or cfg.train_data_path
     _require(bool(has_data) != cfg.mock_data,
@@ -303,6 +304,20 @@ def validate(cfg: TrainingConfig, world_size: int) -> None:
         _require(cfg.tokenizer_type is not None, "--tokenizer-type is required with real data.")
     if cfg.save_interval is not None:
         _require(cfg.save is not None, "--save-interval needs --save DIR.")
+
+
+def _validate_schedule(cfg: TrainingConfig) -> None:
+    """megatron-core's OptimizerParamScheduler asserts warm-up < decay steps after the model is
+    built; say it here instead."""
+    decay = cfg.lr_decay_iters or cfg.train_iters
+    decay_flag = "--lr-decay-iters" if cfg.lr_decay_iters else "--train-iters"
+    if cfg.lr_warmup_fraction is not None:
+        warmup, warmup_flag = int(cfg.lr_warmup_fraction * decay), "--lr-warmup-fraction"
+    else:
+        warmup, warmup_flag = cfg.lr_warmup_iters, "--lr-warmup-iters"
+    _require(0 <= warmup < decay,
+             f"{warmup_flag} gives {warmup} warm-up steps, but the schedule has {decay} steps "
+             f"({decay_flag} {decay}); warm up for fewer steps than that, or train longer.")
 
 
 def _validate_ranks(cfg: TrainingConfig, heads: int, groups: int, ffn: int) -> None:

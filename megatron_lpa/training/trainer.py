@@ -44,7 +44,8 @@ from megatron_lpa.tokenizers import build_tokenizer
 from megatron_lpa.training.arguments import TrainingConfig
 from megatron_lpa.training.checkpointing import (latest_iteration, load_checkpoint,
                                                  save_checkpoint)
-from megatron_lpa.training.data_loading import build_datasets, check_data, micro_batches
+from megatron_lpa.training.data_loading import (build_datasets, check_data,
+                                                 check_data_vocabulary, micro_batches)
 from megatron_lpa.training.metrics import MetricsLogger
 from megatron_lpa.training.optimizer_kernels import (step_without_host_sync,
                                                        use_fast_optimizer_kernels)
@@ -138,6 +139,7 @@ class Trainer:
             self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model,
                                              cfg.vocab_file, cfg.merge_file, cfg.vocab_size)
             vocab = self.tokenizer.vocab_size
+            check_data_vocabulary(cfg, self.tokenizer)
         self.config = model_config(cfg, padded_vocab_size(vocab, cfg))
         self.model = [self._build_model()]
         self.optimizer = get_megatron_optimizer(self._optimizer_config(), self.model)
@@ -153,10 +155,11 @@ class Trainer:
         self.train_data, self.valid_data, self.test_data = build_datasets(
             cfg, self.tokenizer, self.config.vocab_size)
         dp_rank = parallel_state.get_data_parallel_rank()
+        vocab = self.config.vocab_size
         self.train_iterator = micro_batches(self.train_data, self.state["consumed_train_samples"],
-                                            cfg, dp_rank)
+                                            cfg, dp_rank, vocab)
         self.valid_iterator = micro_batches(self.valid_data, self.state["consumed_valid_samples"],
-                                            cfg, dp_rank)
+                                            cfg, dp_rank, vocab)
         self.logger = MetricsLogger(
             cfg, training_flops_per_token(self.config, cfg.seq_length), dist.get_world_size(),
             enabled=dist.get_rank() == dist.get_world_size() - 1)
@@ -348,7 +351,8 @@ class Trainer:
             self.evaluate(self.valid_iterator, "validation")
         if self.test_data is not None and cfg.eval_iters:
             self.evaluate(micro_batches(self.test_data, 0, cfg,
-                                        parallel_state.get_data_parallel_rank()), "test")
+                                        parallel_state.get_data_parallel_rank(),
+                                        self.config.vocab_size), "test")
         if cfg.save and self._saved_at != self.state["iteration"]:
             self.save()
 
