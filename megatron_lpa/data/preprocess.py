@@ -9,8 +9,6 @@ of workers, and it keeps only a few blocks in flight, so memory does not grow wi
 import multiprocessing
 import os
 import signal
-import threading
-import time
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from megatron_lpa.data.indexed_writer import IndexedDatasetWriter
 from megatron_lpa.data.json_documents import BadLine
 from megatron_lpa.data.jsonl_reader import LineBlock, expand_input_paths, iter_line_blocks
 from megatron_lpa.data.progress import ProgressReporter
+from megatron_lpa.platform.parent_watch import exit_with_parent
 from megatron_lpa.tokenizers import build_tokenizer
 
 BAD_LINE_EXAMPLES = 10
@@ -84,19 +83,11 @@ class PreprocessSummary:
 _worker_encoder: BlockEncoder | None = None
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
-    """Pool workers wait on a pipe that they themselves keep open, so they would outlive a
-    parent killed with SIGKILL; they exit once the parent is gone."""
-    while os.getppid() == parent_pid:
-        time.sleep(1)
-    os._exit(1)
-
-
 def _start_worker(options: EncoderOptions, parent_pid: int) -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    exit_with_parent(parent_pid)
     global _worker_encoder
     _worker_encoder = BlockEncoder(options)
 

@@ -71,6 +71,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from megatron_lpa.platform.parent_watch import exit_with_parent
 from megatron_lpa.training.checkpoint_checksums import (
     MANIFEST,
     checksums,
@@ -211,21 +212,25 @@ class UnpublishedCheckpoint:
             raise
 
 
-def _ignore_termination_signals() -> None:
+def _writer_queue_manager_start(trainer_pid: int) -> None:
+    """Runs first in the writer queue's manager process (see ``_shield_writer_queue``)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent(trainer_pid)
 
 
 def _shield_writer_queue() -> None:
-    """Serves megatron-core's checkpoint-writer result queue from a process that ignores SIGTERM.
+    """Serves megatron-core's checkpoint-writer result queue from a process that ignores SIGTERM
+    and ends with this one.
 
     megatron-core starts that queue's Manager process at the first save and reuses it. torchrun
     forwards SIGTERM to each worker's whole process group, so the Manager would die with the
-    signal that asks for a final save, and that save would fail with BrokenPipeError.
+    signal that asks for a final save, and that save would fail with BrokenPipeError. Ignoring
+    SIGTERM, it would outlive a trainer killed with SIGKILL, so it watches the trainer.
     """
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(_ignore_termination_signals)
+        manager.start(_writer_queue_manager_start, (os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
 
 

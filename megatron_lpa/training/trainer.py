@@ -12,7 +12,6 @@ and gradient norm a step late.
 """
 
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,6 +33,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_lpa.models.builder import build_model
 from megatron_lpa.models.flops import training_flops_per_token
 from megatron_lpa.models.lpa_config import LPAConfig
+from megatron_lpa.platform import sigterm
 from megatron_lpa.platform.distributed import (
     destroy_distributed,
     device_type,
@@ -119,10 +119,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainingConfig):
         self.cfg = cfg
-        # First, so that a SIGTERM during start-up is honoured (with a save) after the first step.
-        self._signal_received, self._saved_at = False, None
+        # First, so that a SIGTERM during start-up is honoured (with a save) after the first step
+        # (pretrain_gpt.py has been remembering SIGTERM since its first line).
+        self._saved_at = None
         if cfg.exit_signal_handler:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            sigterm.remember()
+        else:
+            sigterm.forget()
         check_data(cfg)
         initialize_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
         self._default_stream = None
@@ -401,14 +404,11 @@ class Trainer:
         if not (cfg.exit_signal_handler or cfg.exit_duration_in_mins is not None):
             return None
         minutes = (time.time() - self._start) / 60
-        stop = self._signal_received or (cfg.exit_duration_in_mins is not None
-                                         and minutes > cfg.exit_duration_in_mins)
+        stop = sigterm.received() or (cfg.exit_duration_in_mins is not None
+                                      and minutes > cfg.exit_duration_in_mins)
         flag = torch.full((1,), float(stop), device=device_type())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self._signal_received = True
 
     def save(self, final: bool = True) -> None:
         """Saves a checkpoint of the state after the last step, which has been accounted for.
