@@ -8,6 +8,7 @@ Example:
 """
 
 import argparse
+import os
 import signal
 import sys
 
@@ -141,7 +142,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupt_this_process_only(signum: int, frame) -> None:
+    """SIGINT and SIGTERM: KeyboardInterrupt in the tool's process, which removes its temporary
+    files (a plain `kill` cleans up like Ctrl-C does).
+
+    A pool worker is a fork of that process and runs this handler until its initializer replaces
+    it; a worker that starts late (one the scheduler has not run yet when the pool is stopped)
+    would raise KeyboardInterrupt in its copy of the tool's stack, print the tool's message and
+    hang its exit, and the tool's with it. There SIGTERM ends the worker and SIGINT is left to the
+    tool, which stops the pool.
+    """
+    if os.getpid() == _TOOL_PID:
+        raise KeyboardInterrupt
+    if signum == signal.SIGTERM:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
 if __name__ == "__main__":
-    # A plain `kill` cleans up like Ctrl-C does.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _TOOL_PID = os.getpid()
+    signal.signal(signal.SIGINT, _interrupt_this_process_only)
+    signal.signal(signal.SIGTERM, _interrupt_this_process_only)
     sys.exit(main())

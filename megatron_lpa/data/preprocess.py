@@ -142,16 +142,16 @@ def preprocess(
     with ExitStack() as stack:
         stack.callback(progress.close)
         writers = [stack.enter_context(IndexedDatasetWriter(p, dtype)) for p in prefixes]
-        pool = stack.enter_context(
-            context.Pool(config.workers, _start_worker, (options, os.getpid()))
-        )
-        pending = deque()
-        for block in iter_line_blocks(paths):
-            pending.append(pool.apply_async(_encode_block, (block,)))
-            while len(pending) > 2 * config.workers:
+        # The pool stops before the first file is published: an interrupt while it stops
+        # leaves no output, as the tool then says.
+        with context.Pool(config.workers, _start_worker, (options, os.getpid())) as pool:
+            pending = deque()
+            for block in iter_line_blocks(paths):
+                pending.append(pool.apply_async(_encode_block, (block,)))
+                while len(pending) > 2 * config.workers:
+                    write(pending.popleft().get())
+            while pending:
                 write(pending.popleft().get())
-        while pending:
-            write(pending.popleft().get())
         if progress.documents == 0:
             raise PreprocessError(
                 f"no documents to write ({summary.filtered_lines:,} lines filtered out by pile "
