@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     group.add_argument("--lang", default="english", help="nltk punkt language for splitting")
     group.add_argument(
+        "--untrained-sentence-splitter",
+        action="store_true",
+        help="without nltk's punkt data, split with nltk's untrained Punkt tokenizer (sentences "
+        "then differ from Megatron-LM's) instead of stopping",
+    )
+    group.add_argument(
         "--pile-set-names",
         nargs="+",
         help="keep only lines whose meta.pile_set_name is one of these (e.g. 'Wikipedia (en)')",
@@ -108,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     punkt_parameters = None
     if args.split_sentences:
-        from megatron_lpa.data.sentence_splitter import find_punkt_parameters, punkt_missing_warning
+        from megatron_lpa.data.sentence_splitter import find_punkt_parameters, punkt_missing_message
 
         punkt_parameters = find_punkt_parameters(args.lang)
         if punkt_parameters is None:
-            print(punkt_missing_warning(args.lang), file=sys.stderr)
+            allowed = args.untrained_sentence_splitter
+            print(punkt_missing_message(args.lang, allowed), file=sys.stderr)
+            if not allowed:
+                return 1
     config = PreprocessConfig(
         inputs=args.input,
         output_prefix=args.output_prefix,

@@ -104,15 +104,20 @@ def test_several_json_keys_make_one_dataset_each(tmp_path, run_preprocess, sp_mo
         )
 
 
-def test_sentence_splitting_without_punkt_data_warns_once(
+@pytest.mark.fault
+def test_sentence_splitting_without_punkt_data_stops_unless_the_untrained_splitter_is_accepted(
     tmp_path, run_preprocess, monkeypatch, sp_model
 ):
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-data")])
     texts = make_documents(40, seed=4)
     source = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
-    status, output = run_preprocess(
-        "--input", source, "--output-prefix", tmp_path / "o", "--split-sentences", "--workers", 2
-    )
+    flags = ("--input", source, "--output-prefix", tmp_path / "o", "--split-sentences")
+    status, output = run_preprocess(*flags)
+    assert status == 1 and "error: --split-sentences: no nltk punkt data for 'english'" in output
+    assert "python -m nltk.downloader punkt_tab" in output
+    assert "--untrained-sentence-splitter" in output and _outputs(tmp_path) == []
+
+    status, output = run_preprocess(*flags, "--workers", 2, "--untrained-sentence-splitter")
     assert status == 0, output
     assert output.count("no nltk punkt data") == 1
     reader = IndexedDatasetReader(str(tmp_path / "o_text_sentence"))
