@@ -30,12 +30,23 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
     group.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
     group.add_argument("--vocab-size", type=int, help="number of ids (NullTokenizer)")
+    group.add_argument(
+        "--legacy-tokenizer",
+        action="store_true",
+        help="SentencePieceTokenizer as Megatron-LM's legacy tokenizer system has it (adds "
+        "<CLS> <SEP> <EOD> <MASK> after the model's pieces; end of document is <EOD>); without "
+        "it, as megatron-core's: the model's pieces, end of document is the model's </s>",
+    )
 
 
 def tokenizer_args(args: argparse.Namespace) -> dict:
     """The ``build_tokenizer`` keyword arguments of parsed tokenizer flags."""
+    tokenizer_type = args.tokenizer_type
+    if tokenizer_type == "SentencePieceTokenizer" and not args.legacy_tokenizer:
+        # megatron-core's SentencePieceTokenizer encodes as GPTSentencePieceTokenizer does.
+        tokenizer_type = "GPTSentencePieceTokenizer"
     return {
-        "tokenizer_type": args.tokenizer_type,
+        "tokenizer_type": tokenizer_type,
         "tokenizer_model": args.tokenizer_model,
         "vocab_file": args.vocab_file,
         "merge_file": args.merge_file,
@@ -92,13 +103,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--partitions",
         type=int,
         default=1,
-        help="accepted for Megatron-LM recipes (workers must be a multiple); the workers "
-        "already share the input, and the output is the same for any value",
+        help="accepted with --keep-sequential-samples (workers must be a multiple); the "
+        "workers already share the input",
     )
     group.add_argument(
         "--keep-sequential-samples",
         action="store_true",
-        help="accepted for Megatron-LM recipes; documents always keep their input order",
+        help="documents keep their input order (they always do; Megatron-LM's --partitions "
+        "needs this flag for that order)",
     )
     group.add_argument(
         "--log-interval", type=int, default=1000, help="documents between progress lines"
@@ -106,6 +118,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workers < 1 or args.partitions < 1 or args.workers % args.partitions:
         parser.error("--workers must be a positive multiple of --partitions")
+    if args.partitions > 1 and not args.keep_sequential_samples:
+        parser.error(
+            "--partitions without --keep-sequential-samples: Megatron-LM then interleaves the "
+            "documents across partitions, an order this tool does not write; pass "
+            "--keep-sequential-samples (input order, Megatron-LM's order with that flag) or "
+            "leave --partitions out (the workers share the input anyway)"
+        )
     return args
 
 
