@@ -54,8 +54,38 @@ def tokenizer_args(args: argparse.Namespace) -> dict:
     }
 
 
+# Megatron-LM flags that are not implemented (a trailing "-": every flag with that start), and
+# what to do instead.
+MEGATRON_LM_ONLY_FLAGS = {
+    "--padded-vocab-size": "preprocessing does not pad the vocabulary; drop it (pretrain_gpt.py "
+    "pads the embedding itself)",
+    "--vocab-extra-ids": "add the sentinel pieces to the SentencePiece model instead "
+    "(tools/train_tokenizer.py, or spm_train --user_defined_symbols)",
+    "--tokenizer-special-tokens": "put the special tokens in the tokenizer file instead "
+    "(SentencePiece user_defined_symbols, or tokenizer.json's added_tokens)",
+    "--tokenizer-metadata": "the tokenizer file alone describes the tokenizer here; drop it",
+    "--tokenizer-sentencepiece-legacy": "SentencePiece models encode as the sentencepiece "
+    "library does; drop it (--legacy-tokenizer is Megatron-LM's other, supported flag)",
+    "--tokenizer-hf-": "pass --tokenizer-type HuggingFaceTokenizer --tokenizer-model with a "
+    "local tokenizer.json (or its directory)",
+    "--trust-remote-code": "only tokenizer.json files are read, no code; pass "
+    "--tokenizer-type HuggingFaceTokenizer --tokenizer-model with the tokenizer.json",
+    "--tiktoken-": "convert the tiktoken vocabulary to a Hugging Face tokenizer.json, then pass "
+    "--tokenizer-type HuggingFaceTokenizer --tokenizer-model with it",
+}
+
+
+def _megatron_lm_only_flag(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        for flag, instead in MEGATRON_LM_ONLY_FLAGS.items():
+            if name == flag or (flag.endswith("-") and name.startswith(flag)):
+                parser.error(f"{name} (Megatron-LM's) is not supported here; {instead}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _megatron_lm_only_flag(parser, sys.argv[1:] if argv is None else argv)
     group = parser.add_argument_group("input data")
     group.add_argument(
         "--input",

@@ -34,3 +34,32 @@ def test_partitions_in_megatron_lms_interleaved_order_are_refused(tmp_path, run_
     with pytest.raises(SystemExit):
         run_preprocess("--input", FIXTURES / "input.jsonl", "--output-prefix", tmp_path / "o",
                        "--workers", "2", "--partitions", "2", tokenizer=SENTENCEPIECE)
+
+
+@pytest.mark.parametrize("flag, instead", [
+    ("--padded-vocab-size=32768", "drop it"), ("--vocab-extra-ids", "user_defined_symbols"),
+    ("--tokenizer-special-tokens", "added_tokens"), ("--tokenizer-metadata", "drop it"),
+    ("--tokenizer-sentencepiece-legacy", "drop it"),
+    ("--tokenizer-hf-use-fast", "HuggingFaceTokenizer"),
+    ("--trust-remote-code", "HuggingFaceTokenizer"),
+    ("--tiktoken-pattern", "tokenizer.json"),
+])
+def test_megatron_lm_only_flags_say_what_to_use_instead(tmp_path, run_preprocess, capsys, flag,
+                                                         instead):
+    with pytest.raises(SystemExit):
+        run_preprocess("--input", FIXTURES / "input.jsonl", "--output-prefix", tmp_path / "o",
+                       flag, tokenizer=SENTENCEPIECE)
+    error = capsys.readouterr().err
+    assert f"{flag.split('=')[0]} (Megatron-LM's) is not supported here" in error
+    assert instead in error
+
+
+@pytest.mark.parametrize("tokenizer_type", ["BertWordPieceLowerCase", "BertWordPieceCase",
+                                            "TikTokenizer"])
+def test_megatron_lm_only_tokenizer_types_say_what_to_use_instead(tmp_path, run_preprocess,
+                                                                  tokenizer_type):
+    status, output = run_preprocess("--input", FIXTURES / "input.jsonl", "--output-prefix",
+                                    tmp_path / "o", tokenizer=("--tokenizer-type", tokenizer_type))
+    assert status == 1
+    assert f"--tokenizer-type {tokenizer_type} (Megatron-LM's) is not supported here" in output
+    assert "--tokenizer-type HuggingFaceTokenizer" in output
