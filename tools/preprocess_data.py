@@ -8,6 +8,7 @@ Example:
 """
 
 import argparse
+import os
 import signal
 import sys
 
@@ -29,12 +30,23 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vocab-file", help="GPT-2 vocab.json (GPT2BPETokenizer)")
     group.add_argument("--merge-file", help="GPT-2 merges.txt (GPT2BPETokenizer)")
     group.add_argument("--vocab-size", type=int, help="number of ids (NullTokenizer)")
+    group.add_argument(
+        "--legacy-tokenizer",
+        action="store_true",
+        help="SentencePieceTokenizer as Megatron-LM's legacy tokenizer system has it (adds "
+        "<CLS> <SEP> <EOD> <MASK> after the model's pieces; end of document is <EOD>); without "
+        "it, as megatron-core's: the model's pieces, end of document is the model's </s>",
+    )
 
 
 def tokenizer_args(args: argparse.Namespace) -> dict:
     """The ``build_tokenizer`` keyword arguments of parsed tokenizer flags."""
+    tokenizer_type = args.tokenizer_type
+    if tokenizer_type == "SentencePieceTokenizer" and not args.legacy_tokenizer:
+        # megatron-core's SentencePieceTokenizer encodes as GPTSentencePieceTokenizer does.
+        tokenizer_type = "GPTSentencePieceTokenizer"
     return {
-        "tokenizer_type": args.tokenizer_type,
+        "tokenizer_type": tokenizer_type,
         "tokenizer_model": args.tokenizer_model,
         "vocab_file": args.vocab_file,
         "merge_file": args.merge_file,
@@ -42,8 +54,38 @@ def tokenizer_args(args: argparse.Namespace) -> dict:
     }
 
 
+# Megatron-LM flags that are not implemented (a trailing "-": every flag with that start), and
+# what to do instead.
+MEGATRON_LM_ONLY_FLAGS = {
+    "--padded-vocab-size": "preprocessing does not pad the vocabulary; drop it (pretrain_gpt.py "
+    "pads the embedding itself)",
+    "--vocab-extra-ids": "add the sentinel pieces to the SentencePiece model instead "
+    "(tools/train_tokenizer.py, or spm_train --user_defined_symbols)",
+    "--tokenizer-special-tokens": "put the special tokens in the tokenizer file instead "
+    "(SentencePiece user_defined_symbols, or tokenizer.json's added_tokens)",
+    "--tokenizer-metadata": "the tokenizer file alone describes the tokenizer here; drop it",
+    "--tokenizer-sentencepiece-legacy": "SentencePiece models encode as the sentencepiece "
+    "library does; drop it (--legacy-tokenizer is Megatron-LM's other, supported flag)",
+    "--tokenizer-hf-": "pass --tokenizer-type HuggingFaceTokenizer --tokenizer-model with a "
+    "local tokenizer.json (or its directory)",
+    "--trust-remote-code": "only tokenizer.json files are read, no code; pass "
+    "--tokenizer-type HuggingFaceTokenizer --tokenizer-model with the tokenizer.json",
+    "--tiktoken-": "convert the tiktoken vocabulary to a Hugging Face tokenizer.json, then pass "
+    "--tokenizer-type HuggingFaceTokenizer --tokenizer-model with it",
+}
+
+
+def _megatron_lm_only_flag(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        for flag, instead in MEGATRON_LM_ONLY_FLAGS.items():
+            if name == flag or (flag.endswith("-") and name.startswith(flag)):
+                parser.error(f"{name} (Megatron-LM's) is not supported here; {instead}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _megatron_lm_only_flag(parser, sys.argv[1:] if argv is None else argv)
     group = parser.add_argument_group("input data")
     group.add_argument(
         "--input",
@@ -57,6 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--keep-newlines", action="store_true", help="keep newlines between split sentences"
     )
     group.add_argument("--lang", default="english", help="nltk punkt language for splitting")
+    group.add_argument(
+        "--untrained-sentence-splitter",
+        action="store_true",
+        help="without nltk's punkt data, split with nltk's untrained Punkt tokenizer (sentences "
+        "then differ from Megatron-LM's) instead of stopping",
+    )
     group.add_argument(
         "--pile-set-names",
         nargs="+",
@@ -85,13 +133,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--partitions",
         type=int,
         default=1,
-        help="accepted for Megatron-LM recipes (workers must be a multiple); the workers "
-        "already share the input, and the output is the same for any value",
+        help="accepted with --keep-sequential-samples (workers must be a multiple); the "
+        "workers already share the input",
     )
     group.add_argument(
         "--keep-sequential-samples",
         action="store_true",
-        help="accepted for Megatron-LM recipes; documents always keep their input order",
+        help="documents keep their input order (they always do; Megatron-LM's --partitions "
+        "needs this flag for that order)",
     )
     group.add_argument(
         "--log-interval", type=int, default=1000, help="documents between progress lines"
@@ -99,6 +148,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workers < 1 or args.partitions < 1 or args.workers % args.partitions:
         parser.error("--workers must be a positive multiple of --partitions")
+    if args.partitions > 1 and not args.keep_sequential_samples:
+        parser.error(
+            "--partitions without --keep-sequential-samples: Megatron-LM then interleaves the "
+            "documents across partitions, an order this tool does not write; pass "
+            "--keep-sequential-samples (input order, Megatron-LM's order with that flag) or "
+            "leave --partitions out (the workers share the input anyway)"
+        )
     return args
 
 
@@ -107,11 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     punkt_parameters = None
     if args.split_sentences:
-        from megatron_lpa.data.sentence_splitter import find_punkt_parameters, punkt_missing_warning
+        from megatron_lpa.data.sentence_splitter import find_punkt_parameters, punkt_missing_message
 
         punkt_parameters = find_punkt_parameters(args.lang)
         if punkt_parameters is None:
-            print(punkt_missing_warning(args.lang), file=sys.stderr)
+            allowed = args.untrained_sentence_splitter
+            print(punkt_missing_message(args.lang, allowed), file=sys.stderr)
+            if not allowed:
+                return 1
     config = PreprocessConfig(
         inputs=args.input,
         output_prefix=args.output_prefix,
@@ -141,7 +200,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupt_this_process_only(signum: int, frame) -> None:
+    """SIGINT and SIGTERM: KeyboardInterrupt in the tool's process, which removes its temporary
+    files (a plain `kill` cleans up like Ctrl-C does).
+
+    A pool worker is a fork of that process and runs this handler until its initializer replaces
+    it; a worker that starts late (one the scheduler has not run yet when the pool is stopped)
+    would raise KeyboardInterrupt in its copy of the tool's stack, print the tool's message and
+    hang its exit, and the tool's with it. There SIGTERM ends the worker and SIGINT is left to the
+    tool, which stops the pool.
+    """
+    if os.getpid() == _TOOL_PID:
+        raise KeyboardInterrupt
+    if signum == signal.SIGTERM:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
 if __name__ == "__main__":
-    # A plain `kill` cleans up like Ctrl-C does.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _TOOL_PID = os.getpid()
+    signal.signal(signal.SIGINT, _interrupt_this_process_only)
+    signal.signal(signal.SIGTERM, _interrupt_this_process_only)
     sys.exit(main())

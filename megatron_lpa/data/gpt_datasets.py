@@ -7,6 +7,7 @@ GPTDataset would loop forever building it instead of failing).
 
 import contextlib
 import glob
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -88,15 +89,20 @@ def parse_data_path(values: Sequence[str], flag: str = "--data-path") -> Blend:
     """Parses Megatron's data path syntax: ``prefix ...`` or ``weight prefix weight prefix ...``.
 
     Raises:
-        DataConfigError: Empty, weights without prefixes (or the reverse), or a weight <= 0.
+        DataConfigError: Empty, weights without prefixes (or the reverse), or a weight that is
+            not a finite number > 0.
     """
     items = [item for value in values for item in value.split()]
     if not items:
         raise DataConfigError(f"{flag} is empty; pass a dataset prefix or weight-prefix pairs")
     weights = [_as_weight(item) for item in items[0::2]]
     if len(items) % 2 == 0 and all(w is not None for w in weights):
-        if any(w <= 0 for w in weights):
-            raise DataConfigError(f"{flag}: blend weights must be positive, got {weights}")
+        bad = [text for text, w in zip(items[0::2], weights) if not (math.isfinite(w) and w > 0)]
+        if bad:
+            raise DataConfigError(
+                f"{flag}: blend weights must be finite numbers > 0, got {', '.join(bad)} in "
+                f"{' '.join(items)}; give each prefix a positive weight like 0.3"
+            )
         return items[1::2], weights
     if weights[0] is not None:
         raise DataConfigError(
@@ -204,6 +210,30 @@ def validate_data_config(config: DataConfig) -> list[Blend | None]:
             if dataset.sequence_lengths[begin:end].sum(dtype="int64") == 0:
                 raise DataConfigError(_empty_split_message(config, name, flag, dataset, begin, end))
     return [None if entry is None else entry[1] for entry in split_blends]
+
+
+def check_token_ids(config: DataConfig, vocab_size: int, sample: int = 1 << 20) -> None:
+    """Checks that the datasets hold no token id >= ``vocab_size`` (the tokenizer's).
+
+    Looks at each dataset's first and last ``sample`` tokens: data tokenized with a larger
+    vocabulary shows ids beyond it almost at once, and the training batches are checked too.
+
+    Raises:
+        DataConfigError: A dataset holds a larger id; the message names its prefix and flag.
+    """
+    for entry in _split_blends(config):
+        if entry is None:
+            continue
+        flag, (prefixes, _) = entry
+        for prefix in prefixes:
+            largest = _open_dataset(prefix, flag).largest_token_id(sample)
+            if largest >= vocab_size:
+                raise DataConfigError(
+                    f"{flag} {prefix} holds token id {largest}, but the tokenizer has only "
+                    f"{vocab_size} ids: the data was made with another tokenizer. Preprocess it "
+                    "with this one, or train with the --tokenizer-type and --tokenizer-model it "
+                    "was preprocessed with."
+                )
 
 
 @contextlib.contextmanager

@@ -97,3 +97,9 @@ class IndexedDatasetReader:
         return self._tokens(
             int(self.document_indices[index]), int(self.document_indices[index + 1])
         )
+
+    def largest_token_id(self, sample: int) -> int:
+        """The largest id among the first and the last ``sample`` tokens; -1 without tokens."""
+        if self._data is None:
+            return -1
+        return int(max(self._data[:sample].max(), self._data[-sample:].max()))

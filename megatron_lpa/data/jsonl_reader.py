@@ -2,14 +2,15 @@
 
 Files are read in chunks and never loaded whole. Each block knows its file and the number of
 its first line, so a problem found later can name both. A file that is unreadable, corrupt or
-truncated ends in an error block at the line reached; a truncated ``.zst`` is caught too,
-although zstandard's stream reader would end there without complaint.
+truncated ends in an error block at the line reached, after every whole line before the cut;
+a truncated ``.zst`` is caught too, although zstandard's stream reader would end there without
+complaint.
 """
 
 import glob
-import gzip
 import lzma
 import os
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Sequence
 
@@ -83,36 +84,37 @@ class _CountingReader:
         return data
 
 
-def _zstd_chunks(raw: _CountingReader) -> Iterator[bytes]:
-    """Decompresses every zstd frame of ``raw``; EOFError when the last frame is cut short."""
-    decompressor = zstandard.ZstdDecompressor()
-    frame = decompressor.decompressobj()
+def _new_decompressor(path: str):
+    """A decompressor for one frame (zstd) or member (gzip) or stream (xz), or None."""
+    if path.endswith(".zst"):
+        return zstandard.ZstdDecompressor().decompressobj()
+    if path.endswith(".gz"):
+        return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    if path.endswith(".xz"):
+        return lzma.LZMADecompressor()
+    return None
+
+
+def _stream_chunks(raw: _CountingReader, path: str) -> Iterator[bytes]:
+    """Decompresses ``raw`` chunk by chunk, every frame of it, yielding all that comes before a
+    cut (gzip's and lzma's file readers would drop the last read's data); EOFError at the cut."""
+    decompressor = _new_decompressor(path)
+    if decompressor is None:
+        while chunk := raw.read(READ_SIZE):
+            yield chunk
+        return
     frame_started = False
     while chunk := raw.read(READ_SIZE // 4):
         while chunk:
             frame_started = True
-            if data := frame.decompress(chunk):
+            if data := decompressor.decompress(chunk):
                 yield data
             chunk = b""
-            if frame.eof:  # the rest of the chunk, if any, starts the next frame
-                chunk = frame.unused_data
-                frame, frame_started = decompressor.decompressobj(), False
+            if decompressor.eof:  # the rest of the chunk, if any, starts the next frame
+                chunk = decompressor.unused_data
+                decompressor, frame_started = _new_decompressor(path), False
     if frame_started:
-        raise EOFError("the last zstd frame is incomplete")
-
-
-def _stream_chunks(raw: _CountingReader, path: str) -> Iterator[bytes]:
-    if path.endswith(".zst"):
-        yield from _zstd_chunks(raw)
-        return
-    if path.endswith(".gz"):
-        stream = gzip.GzipFile(fileobj=raw)
-    elif path.endswith(".xz"):
-        stream = lzma.LZMAFile(raw)
-    else:
-        stream = raw
-    while chunk := stream.read(READ_SIZE):
-        yield chunk
+        raise EOFError("the compressed data ends part-way through")
 
 
 def read_chunks(path: str) -> Iterator[tuple[bytes, int]]:
@@ -128,7 +130,7 @@ def read_chunks(path: str) -> Iterator[tuple[bytes, int]]:
                 yield chunk, raw.bytes_read
     except EOFError as error:
         raise InputError(f"file is truncated ({error}); re-download or re-create it") from error
-    except (OSError, lzma.LZMAError, zstandard.ZstdError) as error:
+    except (OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError) as error:
         raise InputError(f"cannot read the file: {error}") from error
 
 

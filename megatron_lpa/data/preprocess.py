@@ -9,8 +9,6 @@ of workers, and it keeps only a few blocks in flight, so memory does not grow wi
 import multiprocessing
 import os
 import signal
-import threading
-import time
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from megatron_lpa.data.indexed_writer import IndexedDatasetWriter
 from megatron_lpa.data.json_documents import BadLine
 from megatron_lpa.data.jsonl_reader import LineBlock, expand_input_paths, iter_line_blocks
 from megatron_lpa.data.progress import ProgressReporter
+from megatron_lpa.platform.parent_watch import exit_with_parent
 from megatron_lpa.tokenizers import build_tokenizer
 
 BAD_LINE_EXAMPLES = 10
@@ -84,19 +83,11 @@ class PreprocessSummary:
 _worker_encoder: BlockEncoder | None = None
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
-    """Pool workers wait on a pipe that they themselves keep open, so they would outlive a
-    parent killed with SIGKILL; they exit once the parent is gone."""
-    while os.getppid() == parent_pid:
-        time.sleep(1)
-    os._exit(1)
-
-
 def _start_worker(options: EncoderOptions, parent_pid: int) -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    exit_with_parent(parent_pid)
     global _worker_encoder
     _worker_encoder = BlockEncoder(options)
 
@@ -151,16 +142,16 @@ def preprocess(
     with ExitStack() as stack:
         stack.callback(progress.close)
         writers = [stack.enter_context(IndexedDatasetWriter(p, dtype)) for p in prefixes]
-        pool = stack.enter_context(
-            context.Pool(config.workers, _start_worker, (options, os.getpid()))
-        )
-        pending = deque()
-        for block in iter_line_blocks(paths):
-            pending.append(pool.apply_async(_encode_block, (block,)))
-            while len(pending) > 2 * config.workers:
+        # The pool stops before the first file is published: an interrupt while it stops
+        # leaves no output, as the tool then says.
+        with context.Pool(config.workers, _start_worker, (options, os.getpid())) as pool:
+            pending = deque()
+            for block in iter_line_blocks(paths):
+                pending.append(pool.apply_async(_encode_block, (block,)))
+                while len(pending) > 2 * config.workers:
+                    write(pending.popleft().get())
+            while pending:
                 write(pending.popleft().get())
-        while pending:
-            write(pending.popleft().get())
         if progress.documents == 0:
             raise PreprocessError(
                 f"no documents to write ({summary.filtered_lines:,} lines filtered out by pile "

@@ -34,13 +34,20 @@ def find_punkt_parameters(language: str = "english") -> PunktParameters | None:
         return None
 
 
-def punkt_missing_warning(language: str) -> str:
-    """The one-line warning printed when ``find_punkt_parameters`` finds nothing."""
-    return (
-        f"warning: no nltk punkt data for {language!r} on this machine; splitting sentences "
-        "with nltk's untrained Punkt tokenizer (where a network is available: "
-        "python -m nltk.downloader punkt_tab)"
-    )
+UNTRAINED_FLAG = "--untrained-sentence-splitter"
+
+
+def punkt_missing_message(language: str, allowed: bool) -> str:
+    """What to print when ``find_punkt_parameters`` finds nothing: a warning when the user passed
+    ``UNTRAINED_FLAG`` (``allowed``), else the error that says how to install the data."""
+    where = f"no nltk punkt data for {language!r} on this machine (searched {nltk.data.path})"
+    if allowed:
+        return (f"warning: {where}; splitting sentences with nltk's untrained Punkt tokenizer "
+                f"({UNTRAINED_FLAG})")
+    return (f"error: --split-sentences: {where}. Install it with `python -m nltk.downloader "
+            "punkt_tab` (offline: copy an nltk_data directory holding tokenizers/punkt_tab and "
+            f"set NLTK_DATA to it), or pass {UNTRAINED_FLAG} to split with nltk's untrained "
+            "Punkt tokenizer, whose sentences differ from Megatron-LM's")
 
 
 class SentenceSplitter:

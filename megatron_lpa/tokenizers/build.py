@@ -29,6 +29,16 @@ _MODEL_HINTS = {
 }
 
 
+# Megatron-LM's tokenizer types that are not implemented, and what to pass instead.
+_USE_HF = "pass --tokenizer-type HuggingFaceTokenizer and --tokenizer-model {}"
+MEGATRON_LM_ONLY_TYPES = {
+    "BertWordPieceLowerCase": _USE_HF.format("with the BERT model's (uncased) tokenizer.json"),
+    "BertWordPieceCase": _USE_HF.format("with the BERT model's (cased) tokenizer.json"),
+    "TikTokenizer": "convert the tiktoken vocabulary to a Hugging Face tokenizer.json, then "
+    + _USE_HF.format("with it"),
+}
+
+
 def build_tokenizer(
     tokenizer_type: str,
     tokenizer_model: str | None = None,
@@ -50,6 +60,11 @@ def build_tokenizer(
         TokenizerConfigError: Unknown type, a missing flag, or a file that does not exist or
             cannot be loaded.
     """
+    if tokenizer_type in MEGATRON_LM_ONLY_TYPES:
+        raise TokenizerConfigError(
+            f"--tokenizer-type {tokenizer_type} (Megatron-LM's) is not supported here; "
+            f"{MEGATRON_LM_ONLY_TYPES[tokenizer_type]}"
+        )
     if tokenizer_type not in TOKENIZER_TYPES:
         raise TokenizerConfigError(
             f"unknown --tokenizer-type {tokenizer_type!r}; pass one of: {', '.join(TOKENIZER_TYPES)}"

@@ -148,6 +148,9 @@ class TrainingConfig:
     load: Optional[str] = _opt(None, "Checkpoint directory to resume from.")
     save_interval: Optional[int] = _opt(None, "Steps between checkpoints.")
     no_load_optim: bool = _opt(False, "Load model weights only (new optimizer and schedule).")
+    fallback_to_previous_checkpoint: bool = _opt(
+        False, "When the --load checkpoint fails its checksums, load the newest intact earlier one "
+               "(the pointer file then names it) instead of stopping.")
     # Logging.
     log_interval: int = _opt(100, "Steps between log lines.")
     tensorboard_dir: Optional[str] = _opt(None, "TensorBoard event directory.")
@@ -315,6 +318,7 @@ def validate(cfg: TrainingConfig, world_size: int) -> None:
         cfg.train_iters = math.ceil(cfg.train_samples / cfg.global_batch_size)
         cfg.train_samples = None
     _require(cfg.train_iters > 0, "--train-iters must be positive.")
+    _validate_schedule(cfg)
     # Data.
     has_data = cfg.data_path or cfg.train_data_path
     _require(bool(has_data) != cfg.mock_data,
@@ -326,6 +330,20 @@ def validate(cfg: TrainingConfig, world_size: int) -> None:
         _require(cfg.tokenizer_type is not None, "--tokenizer-type is required with real data.")
     if cfg.save_interval is not None:
         _require(cfg.save is not None, "--save-interval needs --save DIR.")
+
+
+def _validate_schedule(cfg: TrainingConfig) -> None:
+    """megatron-core's OptimizerParamScheduler asserts warm-up < decay steps after the model is
+    built; say it here instead."""
+    decay = cfg.lr_decay_iters or cfg.train_iters
+    decay_flag = "--lr-decay-iters" if cfg.lr_decay_iters else "--train-iters"
+    if cfg.lr_warmup_fraction is not None:
+        warmup, warmup_flag = int(cfg.lr_warmup_fraction * decay), "--lr-warmup-fraction"
+    else:
+        warmup, warmup_flag = cfg.lr_warmup_iters, "--lr-warmup-iters"
+    _require(0 <= warmup < decay,
+             f"{warmup_flag} gives {warmup} warm-up steps, but the schedule has {decay} steps "
+             f"({decay_flag} {decay}); warm up for fewer steps than that, or train longer.")
 
 
 def _validate_ranks(cfg: TrainingConfig, heads: int, groups: int, ffn: int) -> None:

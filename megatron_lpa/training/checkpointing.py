@@ -14,7 +14,12 @@ rank's (pp, tp, dp) position, restored only at the same layout.
 Crash safety: a save goes into ``iter_0000100.tmp-XXXX``, is fsynced, renamed into place, and only
 then does the pointer move (temp file, fsync, ``os.replace``). A process killed at any point leaves
 the previous checkpoint and pointer intact; leftover temp directories are never read and are
-removed by the next save.
+removed by the next save. A save that runs out of disk space removes its partial files and says
+how many bytes it needed.
+
+Integrity: every file's SHA-256 is recorded in the checkpoint (``checkpoint_checksums``) and
+checked before anything is loaded from it; a damaged checkpoint is refused, naming the file, or,
+with ``fall_back``, the newest intact earlier one is loaded instead.
 
 Optimizer state: the non-distributed optimizer's state is sharded like the parameters. The
 distributed optimizer is saved as ``fully_reshardable``, gathered into parameter-shaped tensors, so
@@ -33,6 +38,8 @@ one shared tensor, which torch's Adam increments once per parameter per step, so
 is wrong from the first step after a resume.
 """
 
+import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -40,9 +47,11 @@ import random
 import secrets
 import shutil
 import signal
+import traceback
+from dataclasses import dataclass
 from multiprocessing.managers import SyncManager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -51,15 +60,30 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException as TorchCheckpointException
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+    is_main_replica,
+)
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from megatron_lpa.platform.parent_watch import exit_with_parent
+from megatron_lpa.training.checkpoint_checksums import (
+    MANIFEST,
+    checksums,
+    find_damage,
+    write_manifest,
+)
+
 logger = logging.getLogger(__name__)
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-FORMAT_VERSION = 1
+# 2 added checksums.json; version 1 checkpoints (without it) load unverified, with a warning.
+FORMAT_VERSION = 2
 SHARDING_TYPE = "fully_reshardable"
 _SHARDING_METADATA = {
     "distrib_optim_sharding_type": SHARDING_TYPE,
@@ -109,7 +133,8 @@ def save_checkpoint(
     scheduler,
     train_state: dict,
     config_dict: Optional[dict] = None,
-) -> None:
+    publish: bool = True,
+) -> Optional["UnpublishedCheckpoint"]:
     """Saves everything needed to resume at ``iteration``; a collective call on every rank.
 
     Args:
@@ -121,12 +146,21 @@ def save_checkpoint(
         train_state: small picklable dict owned by the trainer (consumed samples, data position,
             ...); identical on every rank. ``load_checkpoint`` returns it.
         config_dict: the run's resolved config, stored for reference.
+        publish: False writes the checkpoint completely but leaves it in its temp directory,
+            where no load sees it, until ``publish()`` is called on the returned object.
+
+    Returns:
+        With ``publish=False``, the written checkpoint; else None (also when ``iteration`` was
+        already published).
+
+    Raises:
+        CheckpointError: the disk filled up (the message names the path and the bytes needed).
     """
     root = Path(save_dir)
     final = checkpoint_dir(save_dir, iteration)
     temp = _on_rank0(lambda: _start_save(root, final, iteration))
     if temp is None:
-        return
+        return None
     common = {
         "checkpoint_version": FORMAT_VERSION,
         "iteration": iteration,
@@ -136,10 +170,16 @@ def save_checkpoint(
         "config": config_dict,
     }
     state = _sharded_state(model, optimizer, scheduler, with_rng=True, is_loading=False)
+    written = UnpublishedCheckpoint(root, Path(temp), iteration, _bytes_to_write(state))
     _shield_writer_queue()
-    dist_checkpointing.save({**state, **common}, temp)
-    dist.barrier()  # every rank's files are complete before rank 0 publishes them
-    _on_rank0(lambda: _publish(root, Path(temp), final, iteration))
+    with written.reporting_disk_full():
+        dist_checkpointing.save({**state, **common}, temp)
+        dist.barrier()  # every rank's files are complete before they are hashed and published
+        written.manifest = checksums(written.temp)
+    if not publish:
+        return written
+    written.publish()
+    return None
 
 
 def saved_config(load_dir: str) -> dict:
@@ -155,31 +195,71 @@ def saved_config(load_dir: str) -> dict:
     return config
 
 
-def _ignore_termination_signals() -> None:
+@dataclass
+class UnpublishedCheckpoint:
+    """A checkpoint written into its temp directory, not yet where ``load_checkpoint`` looks."""
+
+    root: Path
+    temp: Path
+    iteration: int
+    bytes_needed: int
+    manifest: Optional[dict] = None
+
+    def publish(self) -> None:
+        """Moves it into place and points the pointer at it (collective)."""
+        final = checkpoint_dir(self.root, self.iteration)
+        with self.reporting_disk_full():
+            _on_rank0(lambda: _publish(self.root, self.temp, final, self.iteration, self.manifest))
+
+    def discard(self) -> None:
+        """Deletes it; the pointer keeps naming the checkpoint before (collective)."""
+        _on_rank0(lambda: shutil.rmtree(self.temp))
+
+    @contextlib.contextmanager
+    def reporting_disk_full(self) -> Iterator[None]:
+        try:
+            yield
+        except (Exception, TorchCheckpointException) as err:  # the latter is a BaseException
+            if _out_of_space(err, self):
+                raise CheckpointError(_disk_full_message(self)) from err
+            raise
+
+
+def _writer_queue_manager_start(trainer_pid: int) -> None:
+    """Runs first in the writer queue's manager process (see ``_shield_writer_queue``)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent(trainer_pid)
 
 
 def _shield_writer_queue() -> None:
-    """Serves megatron-core's checkpoint-writer result queue from a process that ignores SIGTERM.
+    """Serves megatron-core's checkpoint-writer result queue from a process that ignores SIGTERM
+    and ends with this one.
 
     megatron-core starts that queue's Manager process at the first save and reuses it. torchrun
     forwards SIGTERM to each worker's whole process group, so the Manager would die with the
-    signal that asks for a final save, and that save would fail with BrokenPipeError.
+    signal that asks for a final save, and that save would fail with BrokenPipeError. Ignoring
+    SIGTERM, it would outlive a trainer killed with SIGKILL, so it watches the trainer.
     """
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(_ignore_termination_signals)
+        manager.start(_writer_queue_manager_start, (os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
 
 
 def load_checkpoint(
-    load_dir: str, model: list, optimizer, scheduler, load_optim: bool = True
+    load_dir: str,
+    model: list,
+    optimizer,
+    scheduler,
+    load_optim: bool = True,
+    fall_back: bool = False,
 ) -> Optional[dict]:
     """Loads the checkpoint the pointer in ``load_dir`` names; a collective call on every rank.
 
-    The model reshards to this run's TP/PP/DP layout; so does the optimizer, unless it changed
-    between distributed and non-distributed. RNG streams are restored only at the saved layout.
+    Its files are checked against the checksums recorded at save before anything is read. The
+    model reshards to this run's TP/PP/DP layout; so does the optimizer, unless it changed between
+    distributed and non-distributed. RNG streams are restored only at the saved layout.
 
     Args:
         load_dir: a directory written by ``save_checkpoint``.
@@ -187,6 +267,8 @@ def load_checkpoint(
         optimizer: the optimizer for ``model`` (None to load the model only).
         scheduler: the ``OptimizerParamScheduler`` (None to skip it).
         load_optim: False loads the model (and RNG) only and leaves optimizer and scheduler fresh.
+        fall_back: when the checkpoint fails its checksums, load the newest earlier one that
+            passes and point the pointer at it (the damaged one stays on disk, never loaded).
 
     Returns:
         The saved ``train_state``, or None when ``load_dir`` holds no checkpoint yet.
@@ -203,6 +285,7 @@ def load_checkpoint(
     iteration = latest_iteration(load_dir)
     if iteration is None:
         return None
+    iteration = _intact_iteration(load_dir, iteration, fall_back)
     path = checkpoint_dir(load_dir, iteration)
     common = _read_common(load_dir, iteration)
     load_optim = load_optim and optimizer is not None
@@ -234,14 +317,45 @@ def load_checkpoint(
         optimizer.reload_model_params()  # main (fp32) params take the loaded weights
     if same_layout:
         _set_rng_state(state["rng_state"])
-    elif dist.get_rank() == 0:
-        logger.warning(
-            "checkpoint %s was saved at layout %s, this run is %s: RNG states not restored.",
-            path,
-            common["layout"],
-            _layout(),
-        )
+    else:
+        _warn_on_rank0(f"checkpoint {path} was saved at layout {common['layout']}, this run is "
+                       f"{_layout()}: RNG states not restored.")
     return state["train_state"]
+
+
+def _intact_iteration(load_dir: str, iteration: int, fall_back: bool) -> int:
+    """``iteration`` if its files match their checksums; else, with ``fall_back``, the newest
+    earlier iteration that does (the pointer moves to it).
+
+    Raises:
+        CheckpointError: the checkpoint is damaged (and, with ``fall_back``, every earlier one).
+    """
+    path = checkpoint_dir(load_dir, iteration)
+    damage = find_damage(path)
+    if not damage:  # None: no checksums to check, which _read_common judges by the version
+        return iteration
+    report = f"{path} is damaged: " + "; ".join(damage)
+    if not fall_back:
+        raise CheckpointError(
+            f"{report}. Nothing was loaded. Pass --fallback-to-previous-checkpoint to load the "
+            f"newest intact earlier checkpoint instead, or {_fallback(load_dir, iteration)}"
+        )
+    for earlier in sorted((i for i in _saved_iterations(load_dir) if i < iteration), reverse=True):
+        earlier_damage = find_damage(checkpoint_dir(load_dir, earlier))
+        if not earlier_damage:
+            _warn_on_rank0(f"{report}. Falling back to iteration {earlier}; {load_dir}'s "
+                           f"{TRACKER_FILENAME} now names it.")
+            _on_rank0(lambda: _write_pointer(Path(load_dir), earlier))
+            return earlier
+        report += f". {checkpoint_dir(load_dir, earlier)} is damaged too: " + (
+            "; ".join(earlier_damage) if earlier_damage is not None else f"it has no {MANIFEST}")
+    raise CheckpointError(f"{report}. No intact earlier checkpoint is left in {load_dir}; "
+                          "delete the pointer (or drop --load) to start over.")
+
+
+def _warn_on_rank0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.warning(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,11 +417,19 @@ def _read_common(load_dir: str, iteration: int) -> dict:
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({err}); {_fallback(load_dir, iteration)}"
         ) from err
-    if common.get("checkpoint_version") != FORMAT_VERSION:
+    if common.get("checkpoint_version") not in (1, FORMAT_VERSION):
         raise CheckpointError(
             f"{path} was not written by megatron_lpa's save_checkpoint (format version "
-            f"{common.get('checkpoint_version')}, expected {FORMAT_VERSION}); convert it first."
+            f"{common.get('checkpoint_version')}, expected 1 or {FORMAT_VERSION}); convert it first."
         )
+    if not (path / MANIFEST).is_file():
+        if common["checkpoint_version"] == FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path / MANIFEST} is missing, so the checkpoint's files cannot be checked; "
+                f"{_fallback(load_dir, iteration)}"
+            )
+        _warn_on_rank0(f"{path} has no {MANIFEST} (saved before checksums were recorded); "
+                       "loading it unverified.")
     return common
 
 
@@ -464,6 +586,8 @@ def _on_rank0(fn: Callable):
 
     Raising on rank 0 alone would leave the other ranks waiting in the next collective forever.
     """
+    if not dist.is_initialized():
+        return fn()
     result = [None, None]
     if dist.get_rank() == 0:
         try:
@@ -491,13 +615,19 @@ def _start_save(root: Path, final: Path, iteration: int) -> Optional[str]:
     return str(temp)
 
 
-def _publish(root: Path, temp: Path, final: Path, iteration: int) -> None:
+def _publish(root: Path, temp: Path, final: Path, iteration: int, manifest: dict) -> None:
+    write_manifest(temp, manifest)
     _fsync_tree(temp)
     if final.exists():
-        # Left by a run that crashed before moving the pointer to it: never loaded, safe to drop.
+        # Left by a run that crashed before moving the pointer to it, or damaged and fallen back
+        # from: never loaded, safe to drop.
         shutil.rmtree(final)
     os.rename(temp, final)
     _fsync_dir(root)
+    _write_pointer(root, iteration)
+
+
+def _write_pointer(root: Path, iteration: int) -> None:
     pointer_temp = root / f"{TRACKER_FILENAME}.tmp"
     with open(pointer_temp, "w") as f:
         f.write(f"{iteration}\n")
@@ -525,14 +655,64 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _saved_iterations(root: str) -> list:
+    """The iterations of the published ``iter_*`` directories in ``root``."""
+    iterations = []
+    for path in Path(root).glob("iter_*"):
+        suffix = path.name[len("iter_") :]
+        if suffix.isdigit() and path.is_dir():
+            iterations.append(int(suffix))
+    return sorted(iterations)
+
+
 def _fallback(root: str, damaged: Optional[int] = None) -> str:
     """What to do when the checkpoint the pointer names cannot be used: name another one."""
     pointer = Path(root) / TRACKER_FILENAME
-    others = []
-    for path in Path(root).glob("iter_*"):
-        suffix = path.name[len("iter_") :]
-        if suffix.isdigit() and path.is_dir() and int(suffix) != damaged:
-            others.append(int(suffix))
+    others = [iteration for iteration in _saved_iterations(root) if iteration != damaged]
     if not others:
         return f"no other checkpoint is in {root}: delete {pointer} (or drop --load) to start over."
     return f"write one of the other saved iterations {sorted(others)} into {pointer}."
+
+
+# ---------------------------------------------------------------------------------------------
+# Disk full
+# ---------------------------------------------------------------------------------------------
+
+
+def _bytes_to_write(state: dict) -> int:
+    """Bytes of tensor data all ranks together write for ``state`` (each shard once)."""
+    local = sum(value.data.numel() * value.data.element_size() for value in nested_values(state)
+                if isinstance(value, (ShardedTensor, ShardedTensorFactory))
+                and is_main_replica(value.replica_id))
+    total = torch.tensor([local], dtype=torch.int64,
+                         device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _out_of_space(err: BaseException, written: UnpublishedCheckpoint) -> bool:
+    """Whether ``err`` comes from the disk filling up: an ENOSPC or EDQUOT in it, or less room
+    left than the rest of the checkpoint needs (torch's writer processes report some short
+    writes without the errno, only their text comes back, and it may hold no errno at all)."""
+    text = "".join(traceback.format_exception(err))
+    if any(f"[Errno {code}]" in text for code in (errno.ENOSPC, errno.EDQUOT)):
+        return True
+    on_disk = sum(path.stat().st_size for path in written.temp.rglob("*") if path.is_file())
+    return shutil.disk_usage(written.root).free < written.bytes_needed - on_disk
+
+
+def _disk_full_message(written: UnpublishedCheckpoint) -> str:
+    if dist.get_rank() == 0:
+        shutil.rmtree(written.temp, ignore_errors=True)
+    free = shutil.disk_usage(written.root).free
+    latest = latest_iteration(str(written.root))
+    kept = (f"the latest checkpoint is still iteration {latest} "
+            f"({checkpoint_dir(written.root, latest)})" if latest is not None
+            else "no earlier checkpoint had been saved")
+    needed = written.bytes_needed
+    return (
+        f"no space left on the device (ENOSPC) saving iteration {written.iteration} to "
+        f"{written.temp}: the checkpoint needs about {needed:,} bytes ({needed / 2**30:.2f} GiB) "
+        f"and {written.root}'s filesystem has {free:,} bytes free with the partial files "
+        f"removed; {kept}. Free space there or point --save at a larger filesystem."
+    )

@@ -17,6 +17,7 @@ from megatron_lpa.data.gpt_datasets import (
     DataConfig,
     DataConfigError,
     build_train_valid_test_datasets,
+    check_token_ids,
     validate_data_config,
 )
 from megatron_lpa.training.arguments import TrainingConfig
@@ -94,6 +95,17 @@ def check_data(cfg: TrainingConfig) -> None:
         raise SystemExit(f"Configuration error: {error}")
 
 
+def check_data_vocabulary(cfg: TrainingConfig, tokenizer) -> None:
+    """Stops with what to change when the data holds token ids the tokenizer does not have;
+    before the model is built (an id past the embedding table would fail deep inside it)."""
+    if cfg.mock_data:
+        return
+    try:
+        check_token_ids(data_config(cfg), tokenizer.vocab_size)
+    except DataConfigError as error:
+        raise SystemExit(f"Configuration error: {error}")
+
+
 def build_datasets(cfg: TrainingConfig, tokenizer, vocab_size: int) -> list:
     """[train, valid, test] datasets (an entry is None when that split has no data)."""
     counts = split_sample_counts(cfg)
@@ -104,8 +116,9 @@ def build_datasets(cfg: TrainingConfig, tokenizer, vocab_size: int) -> list:
 
 
 def micro_batches(dataset: Optional[Dataset], consumed_samples: int, cfg: TrainingConfig,
-                  dp_rank: int) -> Optional[Iterator[dict]]:
-    """An endless-enough iterator of this rank's micro-batches (dicts of ``[b, s]`` tensors)."""
+                  dp_rank: int, vocab_size: int) -> Optional[Iterator[dict]]:
+    """An endless-enough iterator of this rank's micro-batches (dicts of ``[b, s]`` tensors);
+    it stops the run at a token id of ``vocab_size`` or more (the model's vocabulary)."""
     if dataset is None:
         return None
     sampler = MicroBatchSampler(len(dataset), consumed_samples, cfg.micro_batch_size, dp_rank,
@@ -116,4 +129,18 @@ def micro_batches(dataset: Optional[Dataset], consumed_samples: int, cfg: Traini
     # Starting workers draws their seed from the global generator; keep it out of the training
     # stream so that a resumed run (which builds its iterators after restoring RNG) stays exact.
     with torch.random.fork_rng(devices=[]):
-        return iter(loader)
+        batches = iter(loader)
+    return _within_vocabulary(batches, vocab_size)
+
+
+def _within_vocabulary(batches: Iterator[dict], vocab_size: int) -> Iterator[dict]:
+    # On the host, before the batch reaches the device: an id past the embedding table is an
+    # IndexError on CPU and a device-side assert on GPU, neither of which names the data.
+    for batch in batches:
+        largest = int(max(batch["tokens"].max(), batch["labels"].max()))
+        if largest >= vocab_size:
+            raise SystemExit(
+                f"Data error: a batch holds token id {largest}, but the model's vocabulary has "
+                f"{vocab_size} ids: the data was made with another tokenizer. Preprocess it "
+                "with this one, or train with the tokenizer it was preprocessed with.")
+        yield batch

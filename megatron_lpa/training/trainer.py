@@ -12,7 +12,6 @@ and gradient norm a step late.
 """
 
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,6 +33,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_lpa.models.builder import build_model
 from megatron_lpa.models.flops import training_flops_per_token
 from megatron_lpa.models.lpa_config import LPAConfig
+from megatron_lpa.platform import sigterm
 from megatron_lpa.platform.distributed import (
     destroy_distributed,
     device_type,
@@ -42,8 +42,10 @@ from megatron_lpa.platform.distributed import (
 )
 from megatron_lpa.tokenizers import build_tokenizer
 from megatron_lpa.training.arguments import TrainingConfig
-from megatron_lpa.training.checkpointing import load_checkpoint, save_checkpoint
-from megatron_lpa.training.data_loading import build_datasets, check_data, micro_batches
+from megatron_lpa.training.checkpointing import (latest_iteration, load_checkpoint,
+                                                 save_checkpoint)
+from megatron_lpa.training.data_loading import (build_datasets, check_data,
+                                                 check_data_vocabulary, micro_batches)
 from megatron_lpa.training.evaluation import (evaluate, forward_step, reduce_reports,
                                               token_bytes_on_device)
 from megatron_lpa.training.metrics import MetricsLogger
@@ -98,10 +100,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainingConfig):
         self.cfg = cfg
-        # First, so that a SIGTERM during start-up is honoured (with a save) after the first step.
-        self._signal_received, self._saved_at = False, None
+        # First, so that a SIGTERM during start-up is honoured (with a save) after the first step
+        # (pretrain_gpt.py has been remembering SIGTERM since its first line).
+        self._saved_at = None
         if cfg.exit_signal_handler:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            sigterm.remember()
+        else:
+            sigterm.forget()
         check_data(cfg)
         initialize_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
         self._default_stream = None
@@ -118,6 +123,7 @@ class Trainer:
             self.tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model,
                                              cfg.vocab_file, cfg.merge_file, cfg.vocab_size)
             vocab = self.tokenizer.vocab_size
+            check_data_vocabulary(cfg, self.tokenizer)
         self.config = model_config(cfg, padded_vocab_size(vocab, cfg))
         self.forward_step = partial(
             forward_step, token_bytes=token_bytes_on_device(self.tokenizer, self.config.vocab_size))
@@ -135,10 +141,11 @@ class Trainer:
         self.train_data, self.valid_data, self.test_data = build_datasets(
             cfg, self.tokenizer, self.config.vocab_size)
         dp_rank = parallel_state.get_data_parallel_rank()
+        vocab = self.config.vocab_size
         self.train_iterator = micro_batches(self.train_data, self.state["consumed_train_samples"],
-                                            cfg, dp_rank)
+                                            cfg, dp_rank, vocab)
         self.valid_iterator = micro_batches(self.valid_data, self.state["consumed_valid_samples"],
-                                            cfg, dp_rank)
+                                            cfg, dp_rank, vocab)
         self.logger = MetricsLogger(
             cfg, training_flops_per_token(self.config, cfg.seq_length), dist.get_world_size(),
             enabled=dist.get_rank() == dist.get_world_size() - 1)
@@ -149,7 +156,8 @@ class Trainer:
         loaded = None
         if Path(load_dir).is_dir():
             loaded = load_checkpoint(load_dir, self.model, self.optimizer, self.scheduler,
-                                     load_optim=not self.cfg.no_load_optim)
+                                     load_optim=not self.cfg.no_load_optim,
+                                     fall_back=self.cfg.fallback_to_previous_checkpoint)
         if dist.get_rank() == 0:
             print(f"--load {load_dir}: no checkpoint yet, starting from scratch." if loaded is None
                   else f"Resumed from {load_dir} at iteration {loaded['iteration']} "
@@ -279,10 +287,13 @@ class Trainer:
 
         The host reads a step's statistics one step late (``_StepReadout``), so it queues step
         ``t + 1`` while the device still runs step ``t``; steps that log, evaluate, save or exit
-        are read at once.
+        are read at once, and so is the step after a save: a checkpoint saved at an interval is
+        published only once the next step, run from its weights, has a finite loss and gradient
+        norm (``_settle_unpublished``).
         """
         cfg = self.cfg
         self._start, self._nonfinite, self._window = time.time(), 0, _LogWindow()
+        self._last_step_finite, self._unpublished = True, None
         lagging = None
         while self.state["iteration"] < cfg.train_iters:
             stats = self.train_step()
@@ -297,13 +308,14 @@ class Trainer:
             evaluate = bool(self.valid_iterator and cfg.eval_iters
                             and iteration % cfg.eval_interval == 0)
             save = bool(cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0)
-            if stop or evaluate or save or self._logs_at(iteration):
+            if stop or evaluate or save or self._unpublished or self._logs_at(iteration):
                 stop |= self._account(lagging)
                 lagging = None
+                self._settle_unpublished()
             if evaluate:
                 self.evaluate(self.valid_iterator, "validation")
             if save:
-                self.save()
+                self.save(final=stop or iteration == cfg.train_iters)
             if stop:
                 if self.logger.enabled:
                     print(f"Exiting at iteration {iteration} (signal, time or exit interval).",
@@ -315,7 +327,8 @@ class Trainer:
             self.evaluate(self.valid_iterator, "validation")
         if self.test_data is not None and cfg.eval_iters:
             self.evaluate(micro_batches(self.test_data, 0, cfg,
-                                        parallel_state.get_data_parallel_rank()), "test")
+                                        parallel_state.get_data_parallel_rank(),
+                                        self.config.vocab_size), "test")
         if cfg.save and self._saved_at != self.state["iteration"]:
             self.save()
 
@@ -331,6 +344,7 @@ class Trainer:
         loss_sum, tokens, grad_norm, skipped = values[:4]
         iteration = readout.iteration
         window.steps += 1
+        self._last_step_finite = not skipped and math.isfinite(loss_sum)
         if skipped:
             self._nonfinite, window.skipped = self._nonfinite + 1, window.skipped + 1
             if self.logger.enabled:
@@ -363,19 +377,60 @@ class Trainer:
         if not (cfg.exit_signal_handler or cfg.exit_duration_in_mins is not None):
             return None
         minutes = (time.time() - self._start) / 60
-        stop = self._signal_received or (cfg.exit_duration_in_mins is not None
-                                         and minutes > cfg.exit_duration_in_mins)
+        stop = sigterm.received() or (cfg.exit_duration_in_mins is not None
+                                      and minutes > cfg.exit_duration_in_mins)
         flag = torch.full((1,), float(stop), device=device_type())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._signal_received = True
+    def save(self, final: bool = True) -> None:
+        """Saves a checkpoint of the state after the last step, which has been accounted for.
 
-    def save(self) -> None:
-        self._saved_at = self.state["iteration"]
-        save_checkpoint(self.cfg.save, self.state["iteration"], self.model, self.optimizer,
-                        self.scheduler, dict(self.state), self.cfg.to_dict())
+        Nothing is saved when that step's loss or gradient norm, or any weight, is not finite:
+        resuming from it would repeat the divergence, so the last good checkpoint stays the
+        latest. Weights can be finite and still broken (a huge update); the next step shows it,
+        so a save that is not ``final`` stays unpublished until then.
+        """
+        iteration = self._saved_at = self.state["iteration"]
+        if not self._all_finite(weights=True):
+            self._warn_not_saved(f"not saving iteration {iteration}: its loss, gradient norm or "
+                                 "weights are not finite")
+            return
+        self._unpublished = save_checkpoint(
+            self.cfg.save, iteration, self.model, self.optimizer, self.scheduler,
+            dict(self.state), self.cfg.to_dict(), publish=final)
+
+    def _settle_unpublished(self) -> None:
+        """Publishes the checkpoint saved before the step just accounted for, if that step was
+        finite; else deletes it."""
+        written, self._unpublished = self._unpublished, None
+        if written is None:
+            return
+        if self._all_finite(weights=False):
+            written.publish()
+            return
+        written.discard()
+        self._warn_not_saved(f"dropped the checkpoint of iteration {written.iteration}: the step "
+                             "after it had a non-finite loss or gradient norm")
+
+    @torch.no_grad()
+    def _all_finite(self, weights: bool) -> bool:
+        """Whether the last step's loss and gradient norm were finite on every rank (and, with
+        ``weights``, every weight is)."""
+        finite = torch.tensor(self._last_step_finite, device=device_type())
+        if weights:
+            params = [param for chunk in self.model for param in chunk.parameters()]
+            finite &= torch.stack([torch.isfinite(param).all() for param in params]).all()
+        finite = finite.float().reshape(1)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _warn_not_saved(self, what: str) -> None:
+        if self.logger.enabled:
+            latest = latest_iteration(self.cfg.save)
+            kept = (f"the latest checkpoint in {self.cfg.save} stays iteration {latest}"
+                    if latest is not None else "no checkpoint has been published yet")
+            print(f"WARNING: {what}; {kept}.", flush=True)
 
     def close(self, keep_process_group: bool = False) -> None:
         """Closes the loggers and megatron's groups (the process group too, unless kept)."""

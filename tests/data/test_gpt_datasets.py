@@ -47,7 +47,7 @@ def test_parse_data_path():
     assert parse_data_path(["0.3 data/a 0.7", "data/b"]) == (["data/a", "data/b"], [0.3, 0.7])
     with pytest.raises(DataConfigError, match="must alternate"):
         parse_data_path(["0.3", "data/a", "data/b"])
-    with pytest.raises(DataConfigError, match="must be positive"):
+    with pytest.raises(DataConfigError, match="must be finite numbers > 0, got 0 in"):
         parse_data_path(["0", "data/a", "1", "data/b"])
     with pytest.raises(DataConfigError, match="--train-data-path is empty"):
         parse_data_path([" "], "--train-data-path")

@@ -104,15 +104,20 @@ def test_several_json_keys_make_one_dataset_each(tmp_path, run_preprocess, sp_mo
         )
 
 
-def test_sentence_splitting_without_punkt_data_warns_once(
+@pytest.mark.fault
+def test_sentence_splitting_without_punkt_data_stops_unless_the_untrained_splitter_is_accepted(
     tmp_path, run_preprocess, monkeypatch, sp_model
 ):
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-data")])
     texts = make_documents(40, seed=4)
     source = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
-    status, output = run_preprocess(
-        "--input", source, "--output-prefix", tmp_path / "o", "--split-sentences", "--workers", 2
-    )
+    flags = ("--input", source, "--output-prefix", tmp_path / "o", "--split-sentences")
+    status, output = run_preprocess(*flags)
+    assert status == 1 and "error: --split-sentences: no nltk punkt data for 'english'" in output
+    assert "python -m nltk.downloader punkt_tab" in output
+    assert "--untrained-sentence-splitter" in output and _outputs(tmp_path) == []
+
+    status, output = run_preprocess(*flags, "--workers", 2, "--untrained-sentence-splitter")
     assert status == 0, output
     assert output.count("no nltk punkt data") == 1
     reader = IndexedDatasetReader(str(tmp_path / "o_text_sentence"))
@@ -272,28 +277,33 @@ def test_text_the_tokenizer_rejects_is_a_bad_line(tmp_path, run_preprocess):
     assert status == 0 and [reader.document(i).tolist() for i in range(2)] == [[1, 2], [3]]
 
 
-def test_truncated_or_corrupt_zst(tmp_path, run_preprocess):
+@pytest.mark.fault
+@pytest.mark.parametrize("compression", ["zst", "gz", "xz"])
+def test_truncated_input_keeps_the_documents_before_the_cut(tmp_path, run_preprocess, compression):
     records = [{"text": t} for t in make_documents(3000, seed=5, words=40)]
-    whole = write_jsonl(tmp_path / "whole.jsonl.zst", records, "zst").read_bytes()
-    (tmp_path / "cut.jsonl.zst").write_bytes(whole[: len(whole) // 2])
-    status, output = run_preprocess(
-        "--input", tmp_path / "cut.jsonl.zst", "--output-prefix", tmp_path / "o"
-    )
-    assert status == 1 and re.search(r"cut\.jsonl\.zst:\d+: file is truncated", output)
-    assert _outputs(tmp_path) == ["cut.jsonl.zst", "whole.jsonl.zst"]
+    whole = write_jsonl(tmp_path / f"whole.jsonl.{compression}", records, compression)
+    cut = tmp_path / f"cut.jsonl.{compression}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    status, output = run_preprocess("--input", cut, "--output-prefix", tmp_path / "o")
+    assert status == 1 and re.search(rf"cut\.jsonl\.{compression}:\d+: file is truncated", output)
+    assert _outputs(tmp_path) == sorted([cut.name, whole.name])
 
     status, output = run_preprocess(
-        "--input", tmp_path / "cut.jsonl.zst", "--output-prefix", tmp_path / "o", "--skip-bad-lines"
+        "--input", cut, "--output-prefix", tmp_path / "o", "--skip-bad-lines"
     )
-    assert status == 0 and re.search(r"skipped .*cut\.jsonl\.zst:\d+: file is truncated", output)
+    stopped = re.search(rf"skipped .*cut\.jsonl\.{compression}:(\d+): file is truncated", output)
+    assert status == 0 and stopped, output
     written = IndexedDatasetReader(str(tmp_path / "o_text_document")).num_documents
-    assert 0 < written < len(records)
+    # Every whole line before the one it stopped at (half the bytes hold a good part of them).
+    assert written == int(stopped.group(1)) - 1 and len(records) / 4 < written < len(records)
 
-    (tmp_path / "junk.jsonl.zst").write_bytes(b"this is not zstd data" * 10)
-    status, output = run_preprocess(
-        "--input", tmp_path / "junk.jsonl.zst", "--output-prefix", tmp_path / "j"
-    )
-    assert status == 1 and "junk.jsonl.zst:1: cannot read the file" in output
+
+@pytest.mark.parametrize("compression", ["zst", "gz", "xz"])
+def test_corrupt_or_missing_input(tmp_path, run_preprocess, compression):
+    junk = tmp_path / f"junk.jsonl.{compression}"
+    junk.write_bytes(b"this is not compressed data" * 10)
+    status, output = run_preprocess("--input", junk, "--output-prefix", tmp_path / "j")
+    assert status == 1 and f"{junk.name}:1: cannot read the file" in output
 
     status, output = run_preprocess(
         "--input", tmp_path / "missing.jsonl", "--output-prefix", tmp_path / "m"

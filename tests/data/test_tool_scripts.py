@@ -175,3 +175,22 @@ def test_interrupted_run_leaves_no_dataset(tmp_path, sp_model, signal_number):
             os.killpg(run.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.fault
+@pytest.mark.skipif(sys.platform != "linux", reason="holds a forked worker in C (Linux's libc)")
+def test_a_worker_that_starts_late_does_not_hang_the_exit(tmp_path, sp_model):
+    """The pool is stopped (SIGTERM to its workers) while a worker is still between fork and its
+    initializer: that worker used to run the tool's KeyboardInterrupt handler in its copy of the
+    tool, print "interrupted; no output was written" over a complete output, and could hang."""
+    source = write_jsonl(tmp_path / "one.jsonl", [{"text": "a document for the first worker"}])
+    prefix = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "data" / "late_worker_start.py"),
+         *_tool("preprocess_data", "--input", source, "--output-prefix", prefix, "--workers", 2,
+                "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model",
+                sp_model)[1:]],
+        env=ENV, capture_output=True, text=True, timeout=60, start_new_session=True,
+    )
+    assert run.returncode == 0 and "interrupted" not in run.stderr, run.stderr
+    assert IndexedDatasetReader(str(tmp_path / "out_text_document")).num_documents == 1

@@ -219,16 +219,17 @@ def test_errors_name_the_path_and_the_fix(runs, tmp_path):
     ):
         load_checkpoint(str(saved), [], None, None)
 
-    # Damaged tensor files surface only when the load reads them.
+    # Damaged tensor files are found by their checksums, before anything is loaded.
     damaged = tmp_path / "damaged"
     shutil.copytree(runs("tp1_local").save_dir, damaged)
     for shard in (damaged / "iter_0000003").glob("*.distcp"):
         os.truncate(shard, 100)
     with pytest.raises(
-        AssertionError,
-        match=r"could not load \S*iter_0000003\. .*damaged: no other checkpoint.*start over",
+        CheckpointError,
+        match=r"iter_0000003 is damaged: \S*__0_0\.distcp has 100 bytes, \d+ when saved.*"
+        r"no other checkpoint.*start over",
     ):
-        train(tmp_path / "damaged.json", 1, *opts(iters=4, load=damaged))
+        load_checkpoint(str(damaged), [], None, None)
 
     # A distributed-optimizer checkpoint into a non-distributed optimizer (any object that is not
     # a DistributedOptimizer; the check comes before anything is loaded).
