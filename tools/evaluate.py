@@ -72,7 +72,8 @@ def main(argv=None) -> dict:
         count = min(len(windows), args.max_samples or len(windows))
         steps = math.ceil(count / per_step)
         data = PaddedDataset(Subset(windows, range(count)), steps * per_step)
-        totals = evaluate(run, micro_batches(data, 0, cfg, dp_rank), steps)
+        batches = micro_batches(data, 0, cfg, dp_rank, saved.config.vocab_size)
+        totals = evaluate(run, batches, steps)
         results[source] = {**totals.as_dict(), "samples": count}
     if dist.get_rank() == dist.get_world_size() - 1:
         _report(args, saved.iteration, results)
