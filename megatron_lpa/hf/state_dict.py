@@ -231,3 +231,26 @@ def merge_low_rank(hf: dict) -> dict:
             merged[f"{name}.bias"] = bias.to(up.dtype)
     return merged
 
+
+
+def factorize(weight: torch.Tensor, rank: int) -> tuple:
+    """``(A [r, in], B [out, r])`` with ``B A`` the best rank-r approximation of ``weight [out, in]``
+    (truncated SVD, Eckart-Young), each factor taking the square root of the singular values."""
+    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return ((root[:, None] * vh[:rank]).to(weight.dtype),
+            (u[:, :rank] * root[None, :]).to(weight.dtype))
+
+
+def factorize_projections(hf: dict, attn_rank: int, ffn_rank: int) -> dict:
+    """A dense (Llama-named, bias-free) state dict with every attention projection factored at
+    ``attn_rank`` and every FFN projection at ``ffn_rank`` (0 leaves them dense)."""
+    out = {}
+    for key, tensor in hf.items():
+        rank = (attn_rank if ".self_attn." in key else ffn_rank if ".mlp." in key else 0)
+        if rank == 0 or not key.endswith("_proj.weight"):
+            out[key] = tensor
+            continue
+        name = key[:-len(".weight")]
+        out[f"{name}.A.weight"], out[f"{name}.B.weight"] = factorize(tensor, rank)
+    return out
