@@ -162,3 +162,17 @@ def _write_tokenizer(cfg, directory: Path) -> str:
     return (f"no tokenizer written: --tokenizer-type {kind} has no Hugging Face form here"
             if kind else "no tokenizer (the run trained on --mock-data)")
 
+
+
+def factored_model(saved):
+    """``saved`` (TP=1, PP=1) as the factored ``LpaForCausalLM``, in memory, in eval mode, on the
+    model's device and dtype; the vocabulary cut to the tokenizer's."""
+    vocab = saved.tokenizer.vocab_size if saved.tokenizer is not None else saved.cfg.vocab_size
+    state = to_hf({k: v.detach() for k, v in saved.model.named_parameters()}, saved.config,
+                  vocab)
+    first = next(iter(state.values()))
+    with torch.device("meta"):
+        model = modeling_lpa.LpaForCausalLM(
+            lpa_config(saved.config, vocab, _special_ids(saved.tokenizer)))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=first.device, dtype=first.dtype).eval()
