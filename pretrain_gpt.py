@@ -6,12 +6,16 @@
 Every flag is listed by ``python pretrain_gpt.py --help``; a YAML ``--config`` sets the same options.
 """
 
+from megatron_lpa.platform.config_errors import reported_once
 from megatron_lpa.training.arguments import parse_args
 from megatron_lpa.training.trainer import Trainer
 
 
 def main(argv=None) -> None:
-    trainer = Trainer(parse_args(argv))
+    with reported_once(silence_other_ranks=True):
+        cfg = parse_args(argv)
+    with reported_once():
+        trainer = Trainer(cfg)
     try:
         trainer.train()
     finally:
