@@ -79,51 +79,75 @@ def _join_column(config, slot: str, parts: list) -> torch.Tensor:
     return _qkv_join(config, *parts) if slot == "linear_qkv" else torch.cat(parts)
 
 
+# Tensors with a vocabulary row per token: cut to the tokenizer's rows, or padded back.
+_VOCABULARY_ROWS = [("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+                    ("output_layer.weight", "lm_head.weight"), ("output_layer.bias", "output_bias")]
+
+
+def _renames(config: LPAConfig) -> list:
+    """(our name, Hugging Face name) of every tensor that maps one to one, optional ones (biases,
+    positions) included: all but the column slots' and the vocabulary rows."""
+    pairs = [("embedding.position_embeddings.weight", "model.embed_positions.weight"),
+             ("decoder.final_layernorm.weight", "model.norm.weight"),
+             ("decoder.final_layernorm.bias", "model.norm.bias")]
+    for i in range(config.num_layers):
+        for ours_norm, hf_norm in _norm_names(config, i).items():
+            pairs += [(f"{ours_norm}.{field}", f"{hf_norm}.{field}") for field in ("weight", "bias")]
+        for slot, prefix, rank, column in _layer_slots(config, i):
+            if column:
+                continue
+            name = f"model.layers.{i}.{_row_projection(slot)}"
+            if rank == 0:
+                pairs += [(f"{prefix}.weight", f"{name}.weight"), (f"{prefix}.bias", f"{name}.bias")]
+            else:
+                pairs += [(f"{prefix}.down_weight", f"{name}.A.weight"),
+                          (f"{prefix}.up_weight", f"{name}.B.weight"),
+                          (f"{prefix}.bias", f"{name}.B.bias")]
+    return pairs
+
+
+def _column_slots(config: LPAConfig):
+    """(slot, our prefix, rank, Hugging Face layer prefix) of every column-parallel projection."""
+    for i in range(config.num_layers):
+        for slot, prefix, rank, column in _layer_slots(config, i):
+            if column:
+                yield slot, prefix, rank, f"model.layers.{i}"
+
+
+def _translate(tensors: dict, config: LPAConfig, into_hf: bool, vocabulary, column,
+               unplaced: str) -> dict:
+    """The walk ``to_hf`` and ``from_hf`` share (``into_hf`` says which way): the vocabulary rows
+    through ``vocabulary(rows)``, the one-to-one names, then each column slot through
+    ``column(config, slot, rank, prefix, layer, left, out)``, which pops what it takes from
+    ``left``. Raises ``KeyError`` with ``unplaced`` and what is left over."""
+    def directed(pairs):
+        return pairs if into_hf else [(hf_name, ours_name) for ours_name, hf_name in pairs]
+
+    out, left = {}, dict(tensors)
+    for source, target in directed(_VOCABULARY_ROWS):
+        if source in left:
+            out[target] = vocabulary(left.pop(source))
+    for source, target in directed(_renames(config)):
+        if source in left:
+            out[target] = left.pop(source)
+    for slot, prefix, rank, layer in _column_slots(config):
+        column(config, slot, rank, prefix, layer, left, out)
+    if left:
+        raise KeyError(f"{unplaced}: {sorted(left)}")
+    return out
+
+
 def to_hf(ours: dict, config: LPAConfig, vocab_size: int) -> dict:
     """Our full state dict -> ``modeling_lpa.py``'s, the vocabulary cut to ``vocab_size`` rows.
 
     Raises ``KeyError`` naming any tensor of ours that found no place.
     """
-    hf, left = {}, dict(ours)
-
-    def take(key):
-        return left.pop(key)
-
-    hf["model.embed_tokens.weight"] = take("embedding.word_embeddings.weight")[:vocab_size]
-    if config.position_embedding_type == "learned_absolute":
-        hf["model.embed_positions.weight"] = take("embedding.position_embeddings.weight")
-    for i in range(config.num_layers):
-        for ours_norm, hf_norm in _norm_names(config, i).items():
-            for field in ("weight", "bias"):
-                if f"{ours_norm}.{field}" in left:
-                    hf[f"{hf_norm}.{field}"] = take(f"{ours_norm}.{field}")
-        for slot, prefix, rank, column in _layer_slots(config, i):
-            if column:
-                _column_to_hf(config, slot, rank, prefix, f"model.layers.{i}", take, left, hf)
-            else:
-                name = f"model.layers.{i}.{_row_projection(slot)}"
-                if rank == 0:
-                    hf[f"{name}.weight"] = take(f"{prefix}.weight")
-                    bias_key = f"{name}.bias"
-                else:
-                    hf[f"{name}.A.weight"] = take(f"{prefix}.down_weight")
-                    hf[f"{name}.B.weight"] = take(f"{prefix}.up_weight")
-                    bias_key = f"{name}.B.bias"
-                if f"{prefix}.bias" in left:
-                    hf[bias_key] = take(f"{prefix}.bias")
-    for field in ("weight", "bias"):
-        if f"decoder.final_layernorm.{field}" in left:
-            hf[f"model.norm.{field}"] = take(f"decoder.final_layernorm.{field}")
-    if "output_layer.weight" in left:
-        hf["lm_head.weight"] = take("output_layer.weight")[:vocab_size]
-    if "output_layer.bias" in left:
-        hf["output_bias"] = take("output_layer.bias")[:vocab_size]
-    if left:
-        raise KeyError(f"tensors with no Hugging Face name: {sorted(left)}")
-    return hf
+    return _translate(ours, config, True, lambda rows: rows[:vocab_size], _column_to_hf,
+                      "tensors with no Hugging Face name")
 
 
-def _column_to_hf(config, slot, rank, prefix, layer, take, left, hf) -> None:
+def _column_to_hf(config, slot, rank, prefix, layer, left, hf) -> None:
+    take = left.pop
     parts = _column_parts(config, slot)
     if rank == 0:
         weights = _split_column(config, slot, take(f"{prefix}.weight"))
@@ -147,52 +171,20 @@ def _column_to_hf(config, slot, rank, prefix, layer, take, left, hf) -> None:
 
 def from_hf(hf: dict, config: LPAConfig) -> dict:
     """``modeling_lpa.py``'s state dict -> our full one for ``config`` (vocabulary padded to
-    ``config.vocab_size`` with zero rows). The inverse of ``to_hf`` up to those rows."""
-    ours, left = {}, dict(hf)
+    ``config.vocab_size`` with zero rows). The inverse of ``to_hf`` up to those rows.
 
-    def take(key):
-        return left.pop(key)
-
+    Raises ``KeyError`` naming any Hugging Face tensor that found no place.
+    """
     def padded(rows: torch.Tensor) -> torch.Tensor:
         pad = config.vocab_size - rows.shape[0]
         return torch.cat([rows, rows.new_zeros(pad, *rows.shape[1:])]) if pad else rows
 
-    ours["embedding.word_embeddings.weight"] = padded(take("model.embed_tokens.weight"))
-    if config.position_embedding_type == "learned_absolute":
-        ours["embedding.position_embeddings.weight"] = take("model.embed_positions.weight")
-    for i in range(config.num_layers):
-        for ours_norm, hf_norm in _norm_names(config, i).items():
-            for field in ("weight", "bias"):
-                if f"{hf_norm}.{field}" in left:
-                    ours[f"{ours_norm}.{field}"] = take(f"{hf_norm}.{field}")
-        layer = f"model.layers.{i}"
-        for slot, prefix, rank, column in _layer_slots(config, i):
-            if column:
-                _column_from_hf(config, slot, rank, prefix, layer, take, left, ours)
-                continue
-            name = f"{layer}.{_row_projection(slot)}"
-            if rank == 0:
-                ours[f"{prefix}.weight"] = take(f"{name}.weight")
-                bias_key = f"{name}.bias"
-            else:
-                ours[f"{prefix}.down_weight"] = take(f"{name}.A.weight")
-                ours[f"{prefix}.up_weight"] = take(f"{name}.B.weight")
-                bias_key = f"{name}.B.bias"
-            if bias_key in left:
-                ours[f"{prefix}.bias"] = take(bias_key)
-    for field in ("weight", "bias"):
-        if f"model.norm.{field}" in left:
-            ours[f"decoder.final_layernorm.{field}"] = take(f"model.norm.{field}")
-    if "lm_head.weight" in left:
-        ours["output_layer.weight"] = padded(take("lm_head.weight"))
-    if "output_bias" in left:
-        ours["output_layer.bias"] = padded(take("output_bias"))
-    if left:
-        raise KeyError(f"Hugging Face tensors with no place in our model: {sorted(left)}")
-    return ours
+    return _translate(hf, config, False, padded, _column_from_hf,
+                      "Hugging Face tensors with no place in our model")
 
 
-def _column_from_hf(config, slot, rank, prefix, layer, take, left, ours) -> None:
+def _column_from_hf(config, slot, rank, prefix, layer, left, ours) -> None:
+    take = left.pop
     names = [f"{layer}.{name}" for name, _ in _column_parts(config, slot)]
     if rank == 0:
         ours[f"{prefix}.weight"] = _join_column(config, slot,
