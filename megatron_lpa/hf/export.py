@@ -103,12 +103,14 @@ def export(saved, directory: str, form: str) -> str:
     parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{Path(directory).name}.tmp-", dir=parent))
     try:
+        # The tokenizer first: building it, transformers reads any config.json already there,
+        # and the factored one's model type loads only with trust_remote_code.
+        tokenizer_note = _write_tokenizer(saved.cfg, temp)
         _write_weights(state, temp / "model.safetensors")
         hf_config.save_pretrained(temp)
         if form == "factored":
             for module in (configuration_lpa, modeling_lpa):
                 shutil.copy(module.__file__, temp / Path(module.__file__).name)
-        tokenizer_note = _write_tokenizer(saved.cfg, temp)
         os.chmod(temp, 0o755)  # mkdtemp's 0700 would stay with the published directory
         os.rename(temp, directory)
     except BaseException:
@@ -161,7 +163,6 @@ def _write_tokenizer(cfg, directory: Path) -> str:
         return ", ".join(written) + " (copied)"
     return (f"no tokenizer written: --tokenizer-type {kind} has no Hugging Face form here"
             if kind else "no tokenizer (the run trained on --mock-data)")
-
 
 
 def factored_model(saved):

@@ -82,7 +82,7 @@ def test_tokenizer_travels(exported, corpus):
     ours = build_tokenizer("GPTSentencePieceTokenizer", str(corpus / "tok.model"))
     for form in ("merged", "factored"):
         assert (out / form / "tokenizer.model").read_bytes() == (corpus / "tok.model").read_bytes()
-        theirs = AutoTokenizer.from_pretrained(out / form)
+        theirs = AutoTokenizer.from_pretrained(out / form, trust_remote_code=True)
         for line in (corpus / "corpus.jsonl").read_text().splitlines()[:20]:
             text = json.loads(line)["text"]
             assert theirs(text)["input_ids"] == ours.tokenize(text)
