@@ -61,11 +61,15 @@ def main(argv=None) -> list:
     sampling = Sampling(args.greedy, args.temperature, args.top_k, args.top_p)
     generator = torch.Generator(device_type()).manual_seed(args.seed)
     results = []
+    longest = saved.config.max_sequence_length
     for prompt in prompts:
         # An empty prompt starts a new document.
-        ids = generate(model, tokenizer.tokenize(prompt) or [tokenizer.eod], args.max_new_tokens,
-                       sampling,
-                       stop_id=tokenizer.eod, max_length=saved.config.max_sequence_length,
+        prompt_ids = tokenizer.tokenize(prompt) or [tokenizer.eod]
+        if len(prompt_ids) >= longest:
+            raise SystemExit(f"a prompt of {len(prompt_ids)} tokens leaves no room: the model "
+                             f"takes {longest} positions; shorten it.")
+        ids = generate(model, prompt_ids, args.max_new_tokens, sampling,
+                       stop_id=tokenizer.eod, max_length=longest,
                        generator=generator)
         results.append({"prompt": prompt, "completion": tokenizer.detokenize(ids), "ids": ids})
         print(f">>> {prompt}\n{results[-1]['completion']}", flush=True)

@@ -1,11 +1,17 @@
 """tools/generate.py: greedy decoding with the key/value cache gives the ids that step-by-step
-argmax of our own full forward (no cache) gives; sampling is reproducible with a seed."""
+argmax of our own full forward (no cache) gives; sampling is reproducible with a seed; a prompt
+that fills the model's positions is refused."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import torch
 
 from megatron_lpa.hf.generation import Sampling, generate, next_token
+from tests.data.conftest import REPO
 from tests.hf.conftest import PROMPT, python
 from tests.hf.reference_worker import GREEDY_TOKENS
 
@@ -52,3 +58,15 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     assert {int(next_token(logits, Sampling(top_p=0.8), generator))
             for _ in range(200)} == {1, 2}
     assert int(next_token(logits, Sampling(greedy=True), None)) == 1
+
+
+def test_a_prompt_as_long_as_the_model_is_refused(checkpoints):
+    # SHAPE's --seq-length 32: a prompt of 32 tokens or more leaves no position to generate in.
+    long_prompt = " ".join([PROMPT] * 20)
+    done = subprocess.run([sys.executable, str(REPO / "tools/generate.py"), "--load",
+                           str(checkpoints("llama_lpa_gqa_bias")), "--prompt", long_prompt],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert done.returncode == 1
+    assert re.search(r"a prompt of \d+ tokens leaves no room: the model takes 32 positions; "
+                     r"shorten it\.", done.stderr), done.stderr[-2000:]
