@@ -19,12 +19,16 @@ if __name__ == "__main__":
     if "TORCHELASTIC_RUN_ID" in os.environ:
         exit_with_parent(os.getppid(), f"rank {os.environ.get('RANK', '?')}")
 
+from megatron_lpa.platform.config_errors import reported_once  # noqa: E402
 from megatron_lpa.training.arguments import parse_args  # noqa: E402
 from megatron_lpa.training.trainer import Trainer  # noqa: E402
 
 
 def main(argv=None) -> None:
-    trainer = Trainer(parse_args(argv))
+    with reported_once(silence_other_ranks=True):
+        cfg = parse_args(argv)
+    with reported_once():
+        trainer = Trainer(cfg)
     try:
         trainer.train()
     finally:

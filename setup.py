@@ -61,7 +61,9 @@ setup(
     ],
     extras_require={
         "wandb": ["wandb"],
-        "transformers": ["transformers", "tokenizers"],
-        "test": ["pytest", "tokenizers", "matplotlib"],
+        # tools/export_hf.py, import_hf.py and generate.py; 5.x builds a tokenizer.json that
+        # encodes as a SentencePiece model does (TokenizersBackend), which 4.x cannot.
+        "transformers": ["transformers>=5", "tokenizers"],
+        "test": ["pytest", "tokenizers", "matplotlib", "transformers>=5"],
     },
 )

@@ -21,14 +21,15 @@ from pathlib import Path
 import torch.distributed as dist
 from torch.utils.data import Subset
 
-from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
-
+# megatron_lpa before megatron-core: importing it filters megatron-core's import-time warnings.
 from megatron_lpa.platform.distributed import destroy_distributed
 from megatron_lpa.training.data_loading import micro_batches
 from megatron_lpa.training.evaluation import (
     PaddedDataset, SequentialWindows, evaluate, forward_step, token_bytes_on_device, token_stream)
 from megatron_lpa.training.saved_model import load_saved_model
+
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 
 def parse(argv=None) -> argparse.Namespace:

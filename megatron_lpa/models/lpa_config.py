@@ -1,6 +1,6 @@
 """The one model config: megatron-core's TransformerConfig plus LPA ranks and GPT-level fields."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch.nn.functional as F
@@ -76,6 +76,10 @@ class LPAConfig(TransformerConfig):
 
     core_attention: str = "sdpa"
     """``sdpa`` (flash/cuDNN through PyTorch SDPA) or ``local`` (megatron's, materialises scores)."""
+
+    cuda_graph_scope: list = field(default_factory=list)
+    """megatron's per-layer CUDA-graph scope, unused here (``--cuda-graph`` captures the whole
+    step); megatron's own default, "full", is deprecated and warns each time a config is made."""
 
     fused_kernels: bool = True
     """Cross-entropy, RoPE and SwiGLU through ``megatron_lpa.ops`` (the ``csrc/`` CUDA kernels when

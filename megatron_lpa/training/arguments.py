@@ -8,6 +8,7 @@ everything that can be checked before any work starts and says what to change.
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import sys
@@ -184,10 +185,19 @@ def _base_type(annotation):
     return args[0] if args else annotation
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" only to help that does not already say what the default is."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Pretrain a GPT (dense or LPA) on megatron-core.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML file with any of these settings; flags override it.")
     for f in dataclasses.fields(TrainingConfig):
         if f.metadata.get("derived"):
@@ -218,18 +228,24 @@ def _yaml_flags(path: str) -> list:
         raise SystemExit(f"--config {path}: not valid YAML: {error}")
     if not isinstance(loaded, dict):
         raise SystemExit(f"--config {path}: expected a mapping of settings, got {type(loaded).__name__}.")
-    return settings_as_flags(loaded, f"--config {path}")
+    root = yaml.compose(Path(path).read_text())
+    lines = {node.value: node.start_mark.line + 1 for node, _ in root.value} if root else {}
+    return settings_as_flags(loaded, f"--config {path}", lines)
 
 
-def settings_as_flags(settings: dict, source: str) -> list:
+def settings_as_flags(settings: dict, source: str, lines: Optional[dict] = None) -> list:
     """``{"num_layers": 12, "swiglu": True, ...}`` (keys with dashes or underscores) as the flags
-    that set them; ``source`` names where the settings came from in error messages."""
+    that set them; ``source`` names where the settings came from in error messages, ``lines``
+    the line of each key there."""
     fields = {f.name: f for f in dataclasses.fields(TrainingConfig) if not f.metadata.get("derived")}
     flags = []
     for key, value in settings.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise SystemExit(f"{source}: unknown setting {key!r}; "
+            where = f"{source}, line {lines[str(key)]}" if lines and str(key) in lines else source
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"did you mean {close[0].replace('_', '-')!r}? " if close else ""
+            raise SystemExit(f"{where}: unknown setting {key!r}; {hint}"
                              f"see `pretrain_gpt.py --help` for the names.")
         if _base_type(fields[name].type) is bool:
             if not isinstance(value, bool):

@@ -48,6 +48,7 @@ def load_saved_model(load_dir: str, tensor_model_parallel_size: int = 1,
     saved = saved_config(load_dir)
     known = {f.name for f in dataclasses.fields(TrainingConfig)}
     cfg = TrainingConfig(**{k: v for k, v in saved.items() if k in known})
+    saved_cfg = cfg
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = world // (tensor_model_parallel_size * pipeline_model_parallel_size)
     cfg = dataclasses.replace(
@@ -66,8 +67,12 @@ def load_saved_model(load_dir: str, tensor_model_parallel_size: int = 1,
         tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_file,
                                     cfg.merge_file, cfg.vocab_size)
         vocab = tokenizer.vocab_size
-    config = dataclasses.replace(model_config(cfg, padded_vocab_size(vocab, cfg)),
-                                 perform_initialization=False)
+    # The rows the checkpoint holds: padded for the TP size it was trained at, not this one.
+    rows = padded_vocab_size(vocab, saved_cfg)
+    if rows % tensor_model_parallel_size:
+        raise ValueError(f"{load_dir} holds {rows} vocabulary rows, which do not split over "
+                         f"TP={tensor_model_parallel_size}; use a TP size that divides {rows}.")
+    config = dataclasses.replace(model_config(cfg, rows), perform_initialization=False)
     model = build_model(config, pre_process=parallel_state.is_pipeline_first_stage(),
                         post_process=parallel_state.is_pipeline_last_stage())
     if device_type() == "cuda":

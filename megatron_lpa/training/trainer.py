@@ -40,6 +40,7 @@ from megatron_lpa.platform.distributed import (
     initialize_distributed,
     set_seed,
 )
+from megatron_lpa.platform.megatron_warnings import optional_kernels_line
 from megatron_lpa.tokenizers import build_tokenizer
 from megatron_lpa.training.arguments import TrainingConfig
 from megatron_lpa.training.checkpointing import (latest_iteration, load_checkpoint,
@@ -109,6 +110,8 @@ class Trainer:
             sigterm.forget()
         check_data(cfg)
         initialize_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+        if dist.get_rank() == 0 and optional_kernels_line():
+            print(optional_kernels_line(), flush=True)
         self._default_stream = None
         if cfg.cuda_graph:
             # Autograd accumulates each parameter's gradient on the stream that was current when

@@ -239,15 +239,17 @@ def test_yaml_config_sets_options_and_flags_override_it(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "line,message",
     [
-        ("hiden-size: 32", "unknown setting 'hiden-size'"),
-        ("normalization: BatchNorm", "argument --normalization: invalid choice: 'BatchNorm'"),
-        ("num-layers: two", "argument --num-layers: invalid int value: 'two'"),
-        ("swiglu: 'no'", "swiglu must be true or false, got 'no'"),
+        ("hiden-size: 32",
+         ", line {line}: unknown setting 'hiden-size'; did you mean 'hidden-size'?"),
+        ("normalization: BatchNorm", ": argument --normalization: invalid choice: 'BatchNorm'"),
+        ("num-layers: two", ": argument --num-layers: invalid int value: 'two'"),
+        ("swiglu: 'no'", ": swiglu must be true or false, got 'no'"),
     ],
     ids=["unknown_key", "bad_choice", "bad_int", "bad_bool"],
 )
 def test_yaml_config_error_names_file_and_key(tmp_path, line, message):
     config = tmp_path / "bad.yaml"
     config.write_text(YAML_RUN + line + "\n")
-    with pytest.raises(SystemExit, match=re.escape(f"--config {config}: {message}")):
+    expected = message.format(line=YAML_RUN.count("\n") + 1)
+    with pytest.raises(SystemExit, match=re.escape(f"--config {config}{expected}")):
         parse_args(["--config", str(config)])

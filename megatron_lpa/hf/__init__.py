@@ -1,0 +1,1 @@
+"""Hugging Face transformers models and checkpoint conversion (needs the ``transformers`` extra)."""
