@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 8 pretrain_gpt.py --config examples/configs/llama_130m_lpa.yaml \
         --tensor-model-parallel-size 2 --lpa-attn-rank 128 ...
 
-Every flag is listed by ``python pretrain_gpt.py --help``; a YAML ``--config`` sets the same options.
+Every flag is listed by ``python pretrain_gpt.py --help``; a YAML ``--config`` sets the same
+options.
 """
 
 import os
@@ -19,8 +20,8 @@ if __name__ == "__main__":
     if "TORCHELASTIC_RUN_ID" in os.environ:
         exit_with_parent(os.getppid(), f"rank {os.environ.get('RANK', '?')}")
 
+from megatron_lpa.config.command_line import parse_args  # noqa: E402
 from megatron_lpa.platform.config_errors import reported_once  # noqa: E402
-from megatron_lpa.training.arguments import parse_args  # noqa: E402
 from megatron_lpa.training.trainer import Trainer  # noqa: E402
 
 

@@ -3,8 +3,8 @@
 With a CUDA build of PyTorch and a CUDA toolchain (nvcc), ``pip install --no-build-isolation -e .``
 also compiles the fused kernels in ``csrc/`` into ``megatron_lpa._C`` (Hopper sm_90 code plus PTX
 that newer GPUs compile at load; set ``TORCH_CUDA_ARCH_LIST`` for other GPUs). Without them the
-package installs as pure Python and ``megatron_lpa.ops`` uses its PyTorch fallbacks. (Build isolation
-hides the installed torch from this script, so the kernels need ``--no-build-isolation``.)
+package installs as pure Python and ``megatron_lpa.ops`` uses its PyTorch fallbacks. (Build
+isolation hides the installed torch from this script, so the kernels need ``--no-build-isolation``.)
 """
 
 import glob
@@ -24,8 +24,10 @@ def cuda_extension():
         return [], {}
     nvcc_flags = ["-O3", "-std=c++17"]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        nvcc_flags += ["-gencode=arch=compute_90,code=sm_90",
-                       "-gencode=arch=compute_90,code=compute_90"]
+        nvcc_flags += [
+            "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90",
+        ]
     extension = CUDAExtension(
         name="megatron_lpa._C",
         sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
@@ -64,6 +66,7 @@ setup(
         # tools/export_hf.py, import_hf.py and generate.py; 5.x builds a tokenizer.json that
         # encodes as a SentencePiece model does (TokenizersBackend), which 4.x cannot.
         "transformers": ["transformers>=5", "tokenizers"],
-        "test": ["pytest", "tokenizers", "matplotlib", "transformers>=5"],
+        # ruff pinned: tests/test_lint.py checks the formatting, which moves between versions.
+        "test": ["pytest", "tokenizers", "matplotlib", "transformers>=5", "ruff==0.17.6"],
     },
 )

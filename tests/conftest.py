@@ -1,6 +1,15 @@
-"""Shared fixtures: a single-process gloo world with megatron's model-parallel groups (TP=PP=1)."""
+"""Shared fixtures: megatron-core's patches for every test, and a single-process gloo world with
+megatron's model-parallel groups (TP=PP=1)."""
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def megatron_patches():
+    """What every entry point does at start-up; tests build configs and models without one."""
+    from megatron_lpa.platform import megatron_patches
+
+    megatron_patches.apply()
 
 
 @pytest.fixture(scope="session")

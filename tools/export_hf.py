@@ -26,9 +26,13 @@ def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True, help="the run's --save directory")
     parser.add_argument("--save", required=True, help="the Hugging Face directory to write (new)")
-    parser.add_argument("--format", choices=FORMS, required=True,
-                        help="merged: LlamaForCausalLM with W = B A; factored: the LPA model "
-                             "with B and A kept apart (trust_remote_code)")
+    parser.add_argument(
+        "--format",
+        choices=FORMS,
+        required=True,
+        help="merged: LlamaForCausalLM with W = B A; factored: the LPA model "
+        "with B and A kept apart (trust_remote_code)",
+    )
     parser.add_argument("--tokenizer-model", help="the tokenizer file, if it moved since training")
     return parser.parse_args(argv)
 
@@ -39,11 +43,13 @@ def main(argv=None) -> None:
     try:
         tokenizer = export(saved, args.save, args.format)
     except ExportError as error:
-        raise SystemExit(f"tools/export_hf.py: {error}")
+        raise SystemExit(f"tools/export_hf.py: {error}") from None
     finally:
         destroy_distributed()
-    print(f"{args.load} (iteration {saved.iteration}) -> {args.save} ({args.format}); "
-          f"tokenizer: {tokenizer}")
+    print(
+        f"{args.load} (iteration {saved.iteration}) -> {args.save} ({args.format}); "
+        f"tokenizer: {tokenizer}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,29 +32,41 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--greedy", action="store_true", help="always the most likely token")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely "
-                                                              "tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="sample among the most likely tokens up to this probability mass")
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample among the most likely tokens up to this probability mass",
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--tokenizer-model", help="the tokenizer file, if it moved since training")
     parser.add_argument("--output", help="also write {prompt, completion, ids} JSON lines here")
     args = parser.parse_args(argv)
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        parser.error("--temperature must be > 0, --top-p in (0, 1], --top-k >= 0 "
-                     "(use --greedy for the most likely token)")
+        parser.error(
+            "--temperature must be > 0, --top-p in (0, 1], --top-k >= 0 "
+            "(use --greedy for the most likely token)"
+        )
     return args
 
 
 def main(argv=None) -> list:
     args = parse(argv)
-    prompts = ([args.prompt] if args.prompt is not None
-               else Path(args.prompt_file).read_text().splitlines())
+    prompts = (
+        [args.prompt]
+        if args.prompt is not None
+        else Path(args.prompt_file).read_text().splitlines()
+    )
     saved = load_saved_model(args.load, tokenizer_model=args.tokenizer_model)
     try:
         if saved.tokenizer is None:
-            raise SystemExit(f"{args.load} was trained without a tokenizer (--mock-data); it has "
-                             "no text to continue.")
+            raise SystemExit(
+                f"{args.load} was trained without a tokenizer (--mock-data); it has "
+                "no text to continue."
+            )
         model, tokenizer = factored_model(saved), saved.tokenizer
     finally:
         destroy_distributed()
@@ -66,11 +78,19 @@ def main(argv=None) -> list:
         # An empty prompt starts a new document.
         prompt_ids = tokenizer.tokenize(prompt) or [tokenizer.eod]
         if len(prompt_ids) >= longest:
-            raise SystemExit(f"a prompt of {len(prompt_ids)} tokens leaves no room: the model "
-                             f"takes {longest} positions; shorten it.")
-        ids = generate(model, prompt_ids, args.max_new_tokens, sampling,
-                       stop_id=tokenizer.eod, max_length=longest,
-                       generator=generator)
+            raise SystemExit(
+                f"a prompt of {len(prompt_ids)} tokens leaves no room: the model "
+                f"takes {longest} positions; shorten it."
+            )
+        ids = generate(
+            model,
+            prompt_ids,
+            args.max_new_tokens,
+            sampling,
+            stop_id=tokenizer.eod,
+            max_length=longest,
+            generator=generator,
+        )
         results.append({"prompt": prompt, "completion": tokenizer.detokenize(ids), "ids": ids})
         print(f">>> {prompt}\n{results[-1]['completion']}", flush=True)
     if args.output:

@@ -24,12 +24,23 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--save", required=True, help="the checkpoint directory to write")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parser.add_argument("--lpa-attn-rank", type=int, default=0,
-                        help="factor every attention projection at this rank (0: keep dense)")
-    parser.add_argument("--lpa-ffn-rank", type=int, default=0,
-                        help="factor every FFN projection at this rank (0: keep dense)")
-    parser.add_argument("--seq-length", type=int,
-                        help="tokens per training sample (default: max_position_embeddings)")
+    parser.add_argument(
+        "--lpa-attn-rank",
+        type=int,
+        default=0,
+        help="factor every attention projection at this rank (0: keep dense)",
+    )
+    parser.add_argument(
+        "--lpa-ffn-rank",
+        type=int,
+        default=0,
+        help="factor every FFN projection at this rank (0: keep dense)",
+    )
+    parser.add_argument(
+        "--seq-length",
+        type=int,
+        help="tokens per training sample (default: max_position_embeddings)",
+    )
     return parser.parse_args(argv)
 
 
@@ -37,15 +48,35 @@ def main(argv=None) -> list:
     args = parse(argv)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     try:
-        flags = import_llama(args.load, args.save, tp, pp, args.lpa_attn_rank, args.lpa_ffn_rank,
-                             args.seq_length or 0)
+        flags = import_llama(
+            args.load,
+            args.save,
+            tp,
+            pp,
+            args.lpa_attn_rank,
+            args.lpa_ffn_rank,
+            args.seq_length or 0,
+        )
     except LlamaImportError as error:
-        raise SystemExit(f"tools/import_hf.py: {args.load}: {error}")
-    command = ["torchrun", "--nproc-per-node", str(tp * pp), "pretrain_gpt.py", *flags,
-               "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size",
-               str(pp), "--load", args.save, "--no-load-optim"]
-    print(f"{args.load} -> {args.save}. Train on from it with these flags, plus your data, "
-          f"schedule and --save:\n{shlex.join(command)}")
+        raise SystemExit(f"tools/import_hf.py: {args.load}: {error}") from None
+    command = [
+        "torchrun",
+        "--nproc-per-node",
+        str(tp * pp),
+        "pretrain_gpt.py",
+        *flags,
+        "--tensor-model-parallel-size",
+        str(tp),
+        "--pipeline-model-parallel-size",
+        str(pp),
+        "--load",
+        args.save,
+        "--no-load-optim",
+    ]
+    print(
+        f"{args.load} -> {args.save}. Train on from it with these flags, plus your data, "
+        f"schedule and --save:\n{shlex.join(command)}"
+    )
     return flags
 
 

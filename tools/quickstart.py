@@ -58,7 +58,7 @@ except ImportError:
     raise SystemExit(
         "tools/quickstart.py draws its loss curves with matplotlib: "
         "pip install -e '.[test]' (or pip install matplotlib), then run it again."
-    )
+    ) from None
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,8 +156,11 @@ def prepare_data(data: Path) -> Path:
     ``data/held_out``; returns the training prefix."""
     corpus, held_out = data / "corpus.jsonl", data / "held_out.jsonl"
     documents = build_stdlib_corpus(corpus, held_out)
-    print(f"{corpus}, {held_out}: {documents:,} docstrings, "
-          f"{(corpus.stat().st_size + held_out.stat().st_size) / 1e6:.1f} MB", flush=True)
+    print(
+        f"{corpus}, {held_out}: {documents:,} docstrings, "
+        f"{(corpus.stat().st_size + held_out.stat().st_size) / 1e6:.1f} MB",
+        flush=True,
+    )
     run_tool(
         "train_tokenizer",
         {"input": corpus, "model-prefix": data / "tokenizer", "vocab-size": _VOCAB_SIZE},
@@ -242,15 +245,19 @@ def train(variant: str, flags: list, run_dir: Path, env: dict) -> None:
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # a new run, not a resumed one
     flags = flags + ["--log-jsonl", str(metrics_path), "--save", str(run_dir / "checkpoint")]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
-    print(f"\n[{variant}] $ python {' '.join(launcher)} pretrain_gpt.py {' '.join(flags)}",
-          flush=True)
-    with open(log_path, "w") as log, subprocess.Popen(
-        [sys.executable, *launcher, str(REPO / "pretrain_gpt.py"), *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    ) as process:
+    print(
+        f"\n[{variant}] $ python {' '.join(launcher)} pretrain_gpt.py {' '.join(flags)}", flush=True
+    )
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            [sys.executable, *launcher, str(REPO / "pretrain_gpt.py"), *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        ) as process,
+    ):
         for line in process.stdout:
             log.write(line)
             if line.startswith(_ECHOED_LINES):
@@ -268,8 +275,16 @@ def train(variant: str, flags: list, run_dir: Path, env: dict) -> None:
 def evaluate_held_out(run_dir: Path, held_out: Path, env: dict) -> dict:
     """``tools/evaluate.py`` on the run's checkpoint: every held-out token predicted once."""
     out = run_dir / "held_out_eval.json"
-    command = [sys.executable, str(REPO / "tools" / "evaluate.py"), "--load",
-               str(run_dir / "checkpoint"), "--data", str(held_out), "--output", str(out)]
+    command = [
+        sys.executable,
+        str(REPO / "tools" / "evaluate.py"),
+        "--load",
+        str(run_dir / "checkpoint"),
+        "--data",
+        str(held_out),
+        "--output",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"evaluate.py failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -316,21 +331,21 @@ def summarize_metrics(metrics_path: Path) -> dict:
 
 def count_parameters(flags: list) -> int:
     """Parameters of the model ``flags`` describe (built on CPU, uninitialised, in this process)."""
+    from megatron_lpa.config.command_line import parse_args as parse_training_args
+    from megatron_lpa.config.model_config import lpa_config, padded_vocab_size
     from megatron_lpa.models.builder import build_model
     from megatron_lpa.platform.distributed import destroy_distributed, initialize_distributed
     from megatron_lpa.tokenizers import build_tokenizer
-    from megatron_lpa.training.arguments import parse_args as parse_training_args
-    from megatron_lpa.training.trainer import model_config, padded_vocab_size
 
     cfg = parse_training_args(flags)
-    vocab = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model).vocab_size
-    config = dataclasses.replace(
-        model_config(cfg, padded_vocab_size(vocab, cfg)),
-        use_cpu_initialization=True,
-        perform_initialization=False,
-    )
+    vocab = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model).vocab_size
     initialize_distributed()
     try:
+        config = dataclasses.replace(
+            lpa_config(cfg, padded_vocab_size(vocab, cfg)),
+            use_cpu_initialization=True,
+            perform_initialization=False,
+        )
         return sum(p.numel() for p in build_model(config).parameters())
     finally:
         destroy_distributed()
@@ -360,11 +375,15 @@ def compare(options: dict, ranks: dict, output: Path, held_out: Path) -> dict:
         held_out_figures = {variant: job() for variant, job in jobs.items()}
     else:
         held_out_figures = in_parallel(jobs)
-    return {variant: {"lpa_attn_rank": ranks[variant],
-                      **summarize_metrics(output / variant / "metrics.jsonl"),
-                      "held_out": held_out_figures[variant],
-                      "parameters": count_parameters(flags)}
-            for variant, flags in variant_flags.items()}
+    return {
+        variant: {
+            "lpa_attn_rank": ranks[variant],
+            **summarize_metrics(output / variant / "metrics.jsonl"),
+            "held_out": held_out_figures[variant],
+            "parameters": count_parameters(flags),
+        }
+        for variant, flags in variant_flags.items()
+    }
 
 
 # ----- 4. report ---------------------------------------------------------------------------------
@@ -421,11 +440,25 @@ def next_commands(output: Path) -> list:
     commands = [
         ["tools/evaluate.py", "--load", lpa, "--data", output / "data" / "held_out.jsonl"],
         ["tools/generate.py", "--load", lpa, "--prompt", "Return the", "--top-p", "0.9"],
-        ["tools/export_hf.py", "--load", lpa, "--save", hf / "lpa_factored", "--format",
-         "factored"],
+        [
+            "tools/export_hf.py",
+            "--load",
+            lpa,
+            "--save",
+            hf / "lpa_factored",
+            "--format",
+            "factored",
+        ],
         ["tools/export_hf.py", "--load", lpa, "--save", hf / "lpa_merged", "--format", "merged"],
-        ["tools/import_hf.py", "--load", hf / "lpa_merged", "--save", output / "imported",
-         "--lpa-attn-rank", "16"],
+        [
+            "tools/import_hf.py",
+            "--load",
+            hf / "lpa_merged",
+            "--save",
+            output / "imported",
+            "--lpa-attn-rank",
+            "16",
+        ],
     ]
     return [shlex.join(["python", *map(str, command)]) for command in commands]
 
@@ -455,13 +488,19 @@ def main(argv=None) -> None:
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     tokens = results["lpa"]["held_out"]["tokens"]
-    print(f"\nHeld-out documents ({tokens:,} tokens, each predicted once by the final "
-          f"checkpoint):\n{format_table(results)}\n")
-    print(f"LPA makes each attention projection ({options['hidden-size']} x "
-          f"{options['hidden-size']}) a pair of rank {ranks['lpa']}. One seed of a toy model on a "
-          "small corpus: the gap between the rows is no finding about LPA (see the docstring).")
-    print(f"{output / 'loss_curves.png'}, {output / 'summary.json'} "
-          f"({device}, {summary['total_seconds'] / 60:.1f} min)\n")
+    print(
+        f"\nHeld-out documents ({tokens:,} tokens, each predicted once by the final "
+        f"checkpoint):\n{format_table(results)}\n"
+    )
+    print(
+        f"LPA makes each attention projection ({options['hidden-size']} x "
+        f"{options['hidden-size']}) a pair of rank {ranks['lpa']}. One seed of a toy model on a "
+        "small corpus: the gap between the rows is no finding about LPA (see the docstring)."
+    )
+    print(
+        f"{output / 'loss_curves.png'}, {output / 'summary.json'} "
+        f"({device}, {summary['total_seconds'] / 60:.1f} min)\n"
+    )
     print("Next, the LPA checkpoint (all but evaluate.py need pip install -e '.[transformers]'):")
     for command in next_commands(output):
         print(f"  {command}")

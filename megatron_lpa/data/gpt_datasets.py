@@ -5,14 +5,12 @@ weights are well formed, and no split with a share of the data comes out empty (
 GPTDataset would loop forever building it instead of failing).
 """
 
-import contextlib
 import glob
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
-import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
@@ -22,6 +20,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_lpa.data.indexed_format import bin_path, idx_path
 from megatron_lpa.data.indexed_reader import IndexedDatasetError, IndexedDatasetReader
+from megatron_lpa.platform import megatron_patches
 from megatron_lpa.tokenizers import Tokenizer
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -54,11 +53,8 @@ class DataConfig:
         reset_position_ids: Restart position ids after each end-of-document token.
         reset_attention_mask: Keep attention within documents.
         eod_mask_loss: No loss on end-of-document tokens.
-        create_attention_mask: Build attention masks in the dataset
-            (``--no-create-attention-mask-in-dataloader`` turns this off).
-        mmap_bin_files: Memory-map .bin files (``--no-mmap-bin-files`` reads them instead).
-        num_dataset_builder_threads: Threads building the datasets of a blend.
-        mid_level_dataset_surplus: Extra samples built per blended dataset.
+        create_attention_mask: Build attention masks in the dataset (needed only for
+            ``reset_attention_mask``; the model is causal without one).
     """
 
     data_path: list[str] | None = None
@@ -73,9 +69,6 @@ class DataConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     create_attention_mask: bool = True
-    mmap_bin_files: bool = True
-    num_dataset_builder_threads: int = 1
-    mid_level_dataset_surplus: float = 0.005
 
 
 def _as_weight(text: str) -> float | None:
@@ -236,21 +229,6 @@ def check_token_ids(config: DataConfig, vocab_size: int, sample: int = 1 << 20) 
                 )
 
 
-@contextlib.contextmanager
-def _rank_zero_without_process_group() -> Iterator[None]:
-    """megatron-core's BlendedDataset asks ``torch.distributed.get_rank()`` when it writes its
-    cache, which raises without a process group; a lone process is rank 0."""
-    if torch.distributed.is_initialized():
-        yield
-        return
-    get_rank = torch.distributed.get_rank
-    torch.distributed.get_rank = lambda group=None: 0
-    try:
-        yield
-    finally:
-        torch.distributed.get_rank = get_rank
-
-
 def build_train_valid_test_datasets(
     config: DataConfig,
     tokenizer: Tokenizer,
@@ -285,14 +263,11 @@ def build_train_valid_test_datasets(
         blend_per_split=None if config.data_path else blends,
         split=config.split if config.data_path else None,
         path_to_cache=config.data_cache_path,
-        mmap_bin_files=config.mmap_bin_files,
         tokenizer=tokenizer,
         reset_position_ids=config.reset_position_ids,
         reset_attention_mask=config.reset_attention_mask,
         eod_mask_loss=config.eod_mask_loss,
         create_attention_mask=config.create_attention_mask,
-        num_dataset_builder_threads=config.num_dataset_builder_threads,
-        mid_level_dataset_surplus=config.mid_level_dataset_surplus,
     )
     builder = BlendedMegatronDatasetBuilder(
         GPTDataset,
@@ -300,6 +275,6 @@ def build_train_valid_test_datasets(
         is_built_on_rank or (lambda: True),
         gpt_config,
     )
-    with _rank_zero_without_process_group():
+    with megatron_patches.rank_zero_without_process_group():
         train, valid, test = builder.build()
     return train, valid, test

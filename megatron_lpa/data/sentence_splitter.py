@@ -42,12 +42,16 @@ def punkt_missing_message(language: str, allowed: bool) -> str:
     ``UNTRAINED_FLAG`` (``allowed``), else the error that says how to install the data."""
     where = f"no nltk punkt data for {language!r} on this machine (searched {nltk.data.path})"
     if allowed:
-        return (f"warning: {where}; splitting sentences with nltk's untrained Punkt tokenizer "
-                f"({UNTRAINED_FLAG})")
-    return (f"error: --split-sentences: {where}. Install it with `python -m nltk.downloader "
-            "punkt_tab` (offline: copy an nltk_data directory holding tokenizers/punkt_tab and "
-            f"set NLTK_DATA to it), or pass {UNTRAINED_FLAG} to split with nltk's untrained "
-            "Punkt tokenizer, whose sentences differ from Megatron-LM's")
+        return (
+            f"warning: {where}; splitting sentences with nltk's untrained Punkt tokenizer "
+            f"({UNTRAINED_FLAG})"
+        )
+    return (
+        f"error: --split-sentences: {where}. Install it with `python -m nltk.downloader "
+        "punkt_tab` (offline: copy an nltk_data directory holding tokenizers/punkt_tab and "
+        f"set NLTK_DATA to it), or pass {UNTRAINED_FLAG} to split with nltk's untrained "
+        "Punkt tokenizer, whose sentences differ from Megatron-LM's"
+    )
 
 
 class SentenceSplitter:

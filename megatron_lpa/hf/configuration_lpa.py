@@ -25,13 +25,32 @@ class LpaConfig(PretrainedConfig):
 
     model_type = "lpa"
 
-    def __init__(self, vocab_size=32000, hidden_size=768, intermediate_size=2048,
-                 num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=None,
-                 head_dim=None, max_position_embeddings=2048, normalization="RMSNorm",
-                 norm_eps=1e-5, hidden_act="silu", gated_mlp=True,
-                 position_embedding_type="rope", rope_theta=10000.0, sublayer_norm="input",
-                 bias=False, output_layer_bias=False, lpa_attn_rank=0, lpa_ffn_rank=0,
-                 tie_word_embeddings=False, initializer_range=0.02, use_cache=True, **kwargs):
+    def __init__(
+        self,
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=None,
+        head_dim=None,
+        max_position_embeddings=2048,
+        normalization="RMSNorm",
+        norm_eps=1e-5,
+        hidden_act="silu",
+        gated_mlp=True,
+        position_embedding_type="rope",
+        rope_theta=10000.0,
+        sublayer_norm="input",
+        bias=False,
+        output_layer_bias=False,
+        lpa_attn_rank=0,
+        lpa_ffn_rank=0,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        use_cache=True,
+        **kwargs,
+    ):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size

@@ -24,8 +24,9 @@ class Sampling:
     """Sample among the fewest most likely tokens whose probabilities sum to at least p."""
 
 
-def next_token(logits: torch.Tensor, sampling: Sampling,
-               generator: Optional[torch.Generator]) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor, sampling: Sampling, generator: Optional[torch.Generator]
+) -> torch.Tensor:
     """One token ``[b]`` from the last position's logits ``[b, vocab]``."""
     if sampling.greedy:
         return logits.argmax(-1)
@@ -43,8 +44,15 @@ def next_token(logits: torch.Tensor, sampling: Sampling,
 
 
 @torch.no_grad()
-def generate(model, prompt: list, max_new_tokens: int, sampling: Sampling, stop_id: int = None,
-             max_length: int = None, generator: Optional[torch.Generator] = None) -> list:
+def generate(
+    model,
+    prompt: list,
+    max_new_tokens: int,
+    sampling: Sampling,
+    stop_id: int = None,
+    max_length: int = None,
+    generator: Optional[torch.Generator] = None,
+) -> list:
     """The new token ids after ``prompt`` (ids): at most ``max_new_tokens``, ending early after
     ``stop_id`` or at ``max_length`` tokens in all (the model's positions)."""
     device = next(model.parameters()).device

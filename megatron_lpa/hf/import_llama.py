@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
+from megatron_lpa.checkpointing.checkpoint import save_checkpoint
+from megatron_lpa.config.command_line import parse_args
+from megatron_lpa.config.model_config import lpa_config, padded_vocab_size
 from megatron_lpa.hf.state_dict import factorize_projections, from_hf
 from megatron_lpa.models.builder import build_model
 from megatron_lpa.platform.distributed import destroy_distributed, initialize_distributed
 from megatron_lpa.tokenizers import build_tokenizer
-from megatron_lpa.training.arguments import TrainingConfig, build_parser, validate
-from megatron_lpa.training.checkpointing import save_checkpoint
-from megatron_lpa.training.trainer import model_config, padded_vocab_size
 
 
 class LlamaImportError(ValueError):
@@ -36,8 +36,10 @@ def read_weights(directory: Path) -> dict:
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise LlamaImportError(f"{directory} has no model.safetensors (or its index); save the model "
-                           "with safe_serialization (transformers' default) first.")
+        raise LlamaImportError(
+            f"{directory} has no model.safetensors (or its index); save the model "
+            "with safe_serialization (transformers' default) first."
+        )
     state = {}
     for name in files:
         state.update(load_file(str(directory / name)))
@@ -48,11 +50,19 @@ def tokenizer_flags(directory: Path) -> list:
     """Our tokenizer flags for the directory's tokenizer: ``tokenizer.json`` (Hugging Face) or
     ``tokenizer.model`` (SentencePiece); none without either."""
     if (directory / "tokenizer.json").is_file():
-        return ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-                str(directory.resolve())]
+        return [
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            str(directory.resolve()),
+        ]
     if (directory / "tokenizer.model").is_file():
-        return ["--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model",
-                str((directory / "tokenizer.model").resolve())]
+        return [
+            "--tokenizer-type",
+            "GPTSentencePieceTokenizer",
+            "--tokenizer-model",
+            str((directory / "tokenizer.model").resolve()),
+        ]
     return []
 
 
@@ -67,25 +77,49 @@ def llama_flags(config: dict, seq_length: int, attn_rank: int, ffn_rank: int) ->
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         problems.append(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
     if config.get("attention_bias", False) != config.get("mlp_bias", False):
-        problems.append("biases in attention but not the MLP or the other way round (our "
-                        "linears have biases everywhere or nowhere)")
+        problems.append(
+            "biases in attention but not the MLP or the other way round (our "
+            "linears have biases everywhere or nowhere)"
+        )
     biased = config.get("attention_bias", False)
     if biased and (attn_rank or ffn_rank):
-        problems.append("biased projections with an LPA rank (a low-rank input projection's "
-                        "bias is r wide and cannot hold the dense one)")
+        problems.append(
+            "biased projections with an LPA rank (a low-rank input projection's "
+            "bias is r wide and cannot hold the dense one)"
+        )
     if problems:
         raise LlamaImportError("cannot import " + "; ".join(problems) + ".")
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     groups = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    flags = ["--num-layers", config["num_hidden_layers"], "--hidden-size", hidden,
-             "--num-attention-heads", heads, "--ffn-hidden-size", config["intermediate_size"],
-             "--seq-length", seq_length,
-             "--max-position-embeddings", config.get("max_position_embeddings", seq_length),
-             "--normalization", "RMSNorm", "--norm-epsilon", config.get("rms_norm_eps", 1e-6),
-             "--swiglu", "--position-embedding-type", "rope", "--rotary-base", int(theta),
-             "--hidden-dropout", 0, "--attention-dropout", 0]
+    flags = [
+        "--num-layers",
+        config["num_hidden_layers"],
+        "--hidden-size",
+        hidden,
+        "--num-attention-heads",
+        heads,
+        "--ffn-hidden-size",
+        config["intermediate_size"],
+        "--seq-length",
+        seq_length,
+        "--max-position-embeddings",
+        config.get("max_position_embeddings", seq_length),
+        "--normalization",
+        "RMSNorm",
+        "--norm-epsilon",
+        config.get("rms_norm_eps", 1e-6),
+        "--swiglu",
+        "--position-embedding-type",
+        "rope",
+        "--rotary-base",
+        int(theta),
+        "--hidden-dropout",
+        0,
+        "--attention-dropout",
+        0,
+    ]
     if groups != heads:
         flags += ["--num-query-groups", groups]
     if head_dim * heads != hidden:
@@ -101,9 +135,15 @@ def llama_flags(config: dict, seq_length: int, attn_rank: int, ffn_rank: int) ->
     return [str(flag) for flag in flags]
 
 
-def import_llama(directory: str, save: str, tensor_model_parallel_size: int = 1,
-                 pipeline_model_parallel_size: int = 1, attn_rank: int = 0, ffn_rank: int = 0,
-                 seq_length: int = 0) -> list:
+def import_llama(
+    directory: str,
+    save: str,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    attn_rank: int = 0,
+    ffn_rank: int = 0,
+    seq_length: int = 0,
+) -> list:
     """Writes ``directory``'s Llama as our checkpoint in ``save``; returns the model flags.
 
     The checkpoint is written by this one process; it loads at the chosen TP/PP size (whose
@@ -113,35 +153,46 @@ def import_llama(directory: str, save: str, tensor_model_parallel_size: int = 1,
     config = json.loads((source / "config.json").read_text())
     seq_length = seq_length or config.get("max_position_embeddings", 2048)
     flags = llama_flags(config, seq_length, attn_rank, ffn_rank) + tokenizer_flags(source)
-    layout = ["--tensor-model-parallel-size", str(tensor_model_parallel_size),
-              "--pipeline-model-parallel-size", str(pipeline_model_parallel_size)]
+    layout = [
+        "--tensor-model-parallel-size",
+        str(tensor_model_parallel_size),
+        "--pipeline-model-parallel-size",
+        str(pipeline_model_parallel_size),
+    ]
     # What the checkpoint's stored run config needs to validate; a training run gives its own.
-    placeholders = ["--mock-data", "--vocab-size", str(config["vocab_size"]), "--lr", "0",
-                    "--train-iters", "1"]
-    namespace = vars(build_parser().parse_args(flags + layout + placeholders))
-    namespace.pop("config")
-    cfg = TrainingConfig(**namespace)
+    placeholders = [
+        "--mock-data",
+        "--vocab-size",
+        str(config["vocab_size"]),
+        "--lr",
+        "0",
+        "--train-iters",
+        "1",
+    ]
     try:
-        validate(cfg, tensor_model_parallel_size * pipeline_model_parallel_size)
+        cfg = parse_args(
+            flags + layout + placeholders,
+            world_size=tensor_model_parallel_size * pipeline_model_parallel_size,
+        )
     except SystemExit as error:
         raise LlamaImportError(str(error)) from None
     rows = padded_vocab_size(config["vocab_size"], cfg)
-    if cfg.tokenizer_type:
-        tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
+    if cfg.data.tokenizer_type:
+        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         if padded_vocab_size(tokenizer.vocab_size, cfg) != rows:
             raise LlamaImportError(
-                f"the tokenizer has {tokenizer.vocab_size} ids but the model {config['vocab_size']} "
-                f"rows, which pad to different sizes ({padded_vocab_size(tokenizer.vocab_size, cfg)}"
-                f" vs {rows}); training with this tokenizer could not load the checkpoint.")
+                f"the tokenizer has {tokenizer.vocab_size} ids but the model "
+                f"{config['vocab_size']} rows, which pad to different sizes "
+                f"({padded_vocab_size(tokenizer.vocab_size, cfg)}"
+                f" vs {rows}); training with this tokenizer could not load the checkpoint."
+            )
     state = read_weights(source)
     if attn_rank or ffn_rank:
         state = factorize_projections(state, attn_rank, ffn_rank)
     initialize_distributed()
     try:
-        one_process = dataclasses.replace(cfg, tensor_model_parallel_size=1,
-                                          pipeline_model_parallel_size=1)
-        model_cfg = dataclasses.replace(model_config(one_process, rows),
-                                        perform_initialization=False)
+        one_process = cfg.replace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        model_cfg = dataclasses.replace(lpa_config(one_process, rows), perform_initialization=False)
         model = build_model(model_cfg)
         ours = from_hf(state, model_cfg)
         missing = {k for k, _ in model.named_parameters()} - ours.keys()

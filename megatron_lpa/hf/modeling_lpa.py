@@ -33,16 +33,18 @@ from .configuration_lpa import LpaConfig
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 # transformers renamed the cache argument and output field from past_key_values to cache (5.x).
-CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
-               else "past_key_values")
+CACHE_FIELD = (
+    "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
 
 
 class LowRankLinear(nn.Module):
     """``y = B(A x)``: ``A: in -> r`` and ``B: r -> out``, each an ``nn.Linear`` with or without
     its bias."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias_on_a: bool,
-                 bias_on_b: bool):
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias_on_a: bool, bias_on_b: bool
+    ):
         super().__init__()
         self.A = nn.Linear(in_features, rank, bias=bias_on_a)
         self.B = nn.Linear(rank, out_features, bias=bias_on_b)
@@ -51,13 +53,16 @@ class LowRankLinear(nn.Module):
         return self.B(self.A(x))
 
 
-def projection(in_features: int, out_features: int, rank: int, bias: bool,
-               bias_on_a: bool) -> nn.Module:
-    """``nn.Linear`` for rank 0, else a ``LowRankLinear`` with the bias on A (``bias_on_a``) or B."""
+def projection(
+    in_features: int, out_features: int, rank: int, bias: bool, bias_on_a: bool
+) -> nn.Module:
+    """``nn.Linear`` for rank 0, else a ``LowRankLinear`` with the bias on A (``bias_on_a``) or
+    B."""
     if rank == 0:
         return nn.Linear(in_features, out_features, bias=bias)
-    return LowRankLinear(in_features, out_features, rank, bias and bias_on_a,
-                         bias and not bias_on_a)
+    return LowRankLinear(
+        in_features, out_features, rank, bias and bias_on_a, bias and not bias_on_a
+    )
 
 
 class LpaRMSNorm(nn.Module):
@@ -80,7 +85,8 @@ def rotary_cos_sin(config: LpaConfig, positions: torch.Tensor, dtype: torch.dtyp
     """cos and sin ``[b, 1, s, head_dim]`` of the RoPE angles ``position / theta^(2i/head_dim)``."""
     dim = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (
-        torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
+        torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim
+    )
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -122,8 +128,12 @@ class LpaAttention(nn.Module):
 class LpaMLP(nn.Module):
     def __init__(self, config: LpaConfig):
         super().__init__()
-        d, f, r, bias = (config.hidden_size, config.intermediate_size, config.lpa_ffn_rank,
-                         config.bias)
+        d, f, r, bias = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.lpa_ffn_rank,
+            config.bias,
+        )
         self.act = ACTIVATIONS[config.hidden_act]
         self.gate_proj = projection(d, f, r, bias, bias_on_a=True) if config.gated_mlp else None
         self.up_proj = projection(d, f, r, bias, bias_on_a=True)
@@ -166,10 +176,10 @@ class LpaModel(LpaPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         if config.position_embedding_type == "learned_absolute":
-            self.embed_positions = nn.Embedding(config.max_position_embeddings,
-                                                config.hidden_size)
-        self.layers = nn.ModuleList(LpaDecoderLayer(config, i)
-                                    for i in range(config.num_hidden_layers))
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LpaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = norm(config) if config.sublayer_norm == "input" else None
         self.post_init()
 
@@ -217,10 +227,14 @@ class LpaForCausalLM(LpaPreTrainedModel, GenerationMixin):
     def __init__(self, config: LpaConfig):
         super().__init__(config)
         self.model = LpaModel(config)
-        self.lm_head = (None if config.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
-        self.output_bias = (nn.Parameter(torch.zeros(config.vocab_size))
-                            if config.output_layer_bias else None)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.output_bias = (
+            nn.Parameter(torch.zeros(config.vocab_size)) if config.output_layer_bias else None
+        )
         self.post_init()
 
     def get_input_embeddings(self):
@@ -229,24 +243,33 @@ class LpaForCausalLM(LpaPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         """Logits of ``input_ids [b, s]`` (the last ``logits_to_keep`` positions if > 0) and, with
         ``labels [b, s]``, the mean next-token loss (-100 ignored)."""
         cache = cache if cache is not None else kwargs.get("past_key_values")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache()
-        hidden = self.model(input_ids, attention_mask, position_ids,
-                            cache if use_cache else None)
+        hidden = self.model(input_ids, attention_mask, position_ids, cache if use_cache else None)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        weight = (self.model.embed_tokens.weight if self.lm_head is None
-                  else self.lm_head.weight)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, weight, self.output_bias)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                   labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      **{CACHE_FIELD: cache if use_cache else None})
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None}
+        )

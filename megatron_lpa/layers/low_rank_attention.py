@@ -1,9 +1,9 @@
 """megatron-core's self-attention taking Q, K and V straight from the LPA projection.
 
-megatron's ``SelfAttention`` expects one fused QKV output, interleaved per query group, and splits it
-into views. LPA computes Q, K and V with separate up-projections, so interleaving them only to split
-them again costs a copy of the QKV activations each way (forward and backward) for nothing. The
-spec pairs this class with ``LowRankColumnParallelLinear(split_output=True)``.
+megatron's ``SelfAttention`` expects one fused QKV output, interleaved per query group, and splits
+it into views. LPA computes Q, K and V with separate up-projections, so interleaving them only to
+split them again costs a copy of the QKV activations each way (forward and backward) for nothing.
+The spec pairs this class with ``LowRankColumnParallelLinear(split_output=True)``.
 """
 
 from megatron.core.transformer.attention import SelfAttention
@@ -17,11 +17,14 @@ class LowRankSelfAttention(SelfAttention):
     falls back to megatron's ``SelfAttention`` otherwise) and no output gate.
     """
 
-    def get_query_key_value_tensors(self, hidden_states, key_value_states=None,
-                                    output_gate=False, split_qkv=True):
+    def get_query_key_value_tensors(
+        self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True
+    ):
         if output_gate or not split_qkv:
-            raise NotImplementedError("LowRankSelfAttention supports neither the attention output "
-                                      "gate nor the fused single-QKV RoPE.")
+            raise NotImplementedError(
+                "LowRankSelfAttention supports neither the attention output "
+                "gate nor the fused single-QKV RoPE."
+            )
         (query, key, value), _ = self.linear_qkv(hidden_states)
         head_dim = self.hidden_size_per_attention_head
         query = query.view(*query.shape[:2], -1, head_dim)

@@ -1,14 +1,14 @@
 """Low-rank (LPA) drop-ins for megatron-core's column- and row-parallel linear slots.
 
-Each projection ``y = W x`` becomes ``y = B (A x)`` with ``A: in -> r`` and ``B: r -> out`` and nothing
-in between (Lv et al., 2024). The two classes keep megatron-core's constructor keywords and return
-``(output, bias)``, so a layer spec swaps them into ``linear_qkv``/``linear_fc1`` (column) and
-``linear_proj``/``linear_fc2`` (row) without touching the model.
+Each projection ``y = W x`` becomes ``y = B (A x)`` with ``A: in -> r`` and ``B: r -> out`` and
+nothing in between (Lv et al., 2024). The two classes keep megatron-core's constructor keywords and
+return ``(output, bias)``, so a layer spec swaps them into ``linear_qkv``/``linear_fc1`` (column)
+and ``linear_proj``/``linear_fc2`` (row) without touching the model.
 
-Shape legend: ``s`` sequence, ``b`` micro-batch, ``d`` layer input width, ``r`` LPA rank, ``P`` number
-of projections fused in one column slot (3 for Q/K/V, 2 for SwiGLU gate/up, else 1), ``t`` tensor-parallel
-size. With sequence parallelism the activations entering a column slot and leaving a row slot are
-``[s/t, b, d]``.
+Shape legend: ``s`` sequence, ``b`` micro-batch, ``d`` layer input width, ``r`` LPA rank, ``P``
+number of projections fused in one column slot (3 for Q/K/V, 2 for SwiGLU gate/up, else 1), ``t``
+tensor-parallel size. With sequence parallelism the activations entering a column slot and leaving a
+row slot are ``[s/t, b, d]``.
 
 Parallel layouts (per rank; "redundant" = computed identically on every TP rank)::
 
@@ -19,27 +19,28 @@ Parallel layouts (per rank; "redundant" = computed identically on every TP rank)
     row         A / W   W: [d, in/t]  split dim 1    [r, in/t]  split dim 1
     (proj, fc2) B       -                           [out, r]   replicated
 
-    collective per token        dense (no SP / SP)                 LPA (no SP / SP)
-    column forward              - / all-gather d                   - / all-gather P*r
-    column backward             all-reduce d / reduce-scatter d    all-reduce P*r / reduce-scatter P*r
-    row forward                 all-reduce d / reduce-scatter d    all-reduce r / reduce-scatter r
-    row backward                - / all-gather d                   - / all-gather r
+    collective per token    dense (no SP / SP)                 LPA (no SP / SP)
+    column forward          - / all-gather d                   - / all-gather P*r
+    column backward         all-reduce d / reduce-scatter d    all-reduce P*r / reduce-scatter P*r
+    row forward             all-reduce d / reduce-scatter d    all-reduce r / reduce-scatter r
+    row backward            - / all-gather d                   - / all-gather r
 
 Why these layouts:
 
 * Column slot without SP: A is replicated and applied to the full input, which costs ``2*d*P*r``
-  redundant FLOPs per token on every rank but needs no forward collective; its only collective is the
-  backward all-reduce of the ``P*r``-wide intermediate gradient (dense all-reduces the ``d``-wide input
-  gradient). Splitting A over ranks instead would add a forward all-gather of the intermediate *and*
-  still need a ``d``-wide all-reduce of the input gradient, since every rank would hold a partial one.
-* Column slot with SP: the replicated A is applied to the local sequence shard (no redundant FLOPs), then
-  the ``P*r``-wide intermediate is all-gathered along the sequence. A's gradient then differs per rank,
-  so A is marked ``sequence_parallel`` and megatron's ``finalize_model_grads`` all-reduces it over TP,
-  as it does for norm weights.
-* Row slot: A is split along its input like megatron's row-parallel weight, so each rank's partial sum
-  is ``r`` wide; the reduction (all-reduce, or reduce-scatter along the sequence with SP) moves ``r``
-  values per token, then the replicated B maps ``r -> out`` locally (on the local sequence shard with SP,
-  where B and the bias are marked ``sequence_parallel``).
+  redundant FLOPs per token on every rank but needs no forward collective; its only collective is
+  the backward all-reduce of the ``P*r``-wide intermediate gradient (dense all-reduces the
+  ``d``-wide input gradient). Splitting A over ranks instead would add a forward all-gather of the
+  intermediate *and* still need a ``d``-wide all-reduce of the input gradient, since every rank
+  would hold a partial one.
+* Column slot with SP: the replicated A is applied to the local sequence shard (no redundant FLOPs),
+  then the ``P*r``-wide intermediate is all-gathered along the sequence. A's gradient then differs
+  per rank, so A is marked ``sequence_parallel`` and megatron's ``finalize_model_grads`` all-reduces
+  it over TP, as it does for norm weights.
+* Row slot: A is split along its input like megatron's row-parallel weight, so each rank's partial
+  sum is ``r`` wide; the reduction (all-reduce, or reduce-scatter along the sequence with SP) moves
+  ``r`` values per token, then the replicated B maps ``r -> out`` locally (on the local sequence
+  shard with SP, where B and the bias are marked ``sequence_parallel``).
 """
 
 import math
@@ -48,8 +49,6 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn import Parameter
-
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import (
     linear_with_grad_accumulation_and_async_allreduce,
@@ -63,12 +62,18 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-from megatron.core.utils import divide, get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
+from megatron.core.utils import (
+    divide,
+    get_pg_rank,
+    get_pg_size,
+    get_tensor_model_parallel_group_if_none,
+)
+from torch.nn import Parameter
 
 LPA_INIT_METHODS = ("linear", "variance")
-"""``linear``: each factor like a PyTorch ``nn.Linear`` (U(+-1/sqrt(fan_in))), as the paper's code does.
-``variance``: both factors N(0, (sigma^2/r)^(1/4)) so that ``B @ A`` has the variance sigma^2 of the
-dense layer's ``init_method`` (megatron's N(0, sigma) init)."""
+"""``linear``: each factor like a PyTorch ``nn.Linear`` (U(+-1/sqrt(fan_in))), as the paper's code
+does. ``variance``: both factors N(0, (sigma^2/r)^(1/4)) so that ``B @ A`` has the variance sigma^2
+of the dense layer's ``init_method`` (megatron's N(0, sigma) init)."""
 
 PROJECTIONS = ("single", "qkv", "gate_up")
 """What one column slot holds: one projection, megatron's fused Q/K/V, or SwiGLU's gate and up."""
@@ -83,8 +88,10 @@ def check_lpa_rank(rank: int, in_features: int, out_features: int, where: str) -
         where: the projection's name, for the message (e.g. ``"attention query"``).
     """
     if rank < 1:
-        raise ValueError(f"LPA rank of the {where} projection is {rank}; it must be >= 1 "
-                         "(use rank 0 in the config to keep that projection dense).")
+        raise ValueError(
+            f"LPA rank of the {where} projection is {rank}; it must be >= 1 "
+            "(use rank 0 in the config to keep that projection dense)."
+        )
     if rank > min(in_features, out_features):
         raise ValueError(
             f"LPA rank {rank} of the {where} projection ({in_features} -> {out_features}) exceeds "
@@ -95,12 +102,18 @@ def check_lpa_rank(rank: int, in_features: int, out_features: int, where: str) -
         warnings.warn(
             f"LPA rank {rank} of the {where} projection ({in_features} -> {out_features}) has at "
             f"least as many parameters as the dense layer; ranks below "
-            f"{in_features * out_features / (in_features + out_features):.0f} save compute and memory."
+            f"{in_features * out_features / (in_features + out_features):.0f} save compute and "
+            "memory."
         )
 
 
 def _init_factor(
-    shape: Sequence[int], lpa_init: str, fan_in: int, rank: int, init_method: Callable, device,
+    shape: Sequence[int],
+    lpa_init: str,
+    fan_in: int,
+    rank: int,
+    init_method: Callable,
+    device,
     perform_initialization: bool = True,
 ) -> torch.Tensor:
     """Initialises one full (unsharded) factor in fp32 from the default generator.
@@ -117,8 +130,10 @@ def _init_factor(
     elif lpa_init == "variance":
         sigma = getattr(init_method, "keywords", {}).get("std")
         if sigma is None:
-            raise ValueError("lpa_init='variance' needs megatron's normal init_method "
-                             "(init_method_normal / scaled_init_method_normal); use 'linear'.")
+            raise ValueError(
+                "lpa_init='variance' needs megatron's normal init_method "
+                "(init_method_normal / scaled_init_method_normal); use 'linear'."
+            )
         torch.nn.init.normal_(master, mean=0.0, std=(sigma * sigma / rank) ** 0.25)
     else:
         raise ValueError(f"lpa_init must be one of {LPA_INIT_METHODS}, got {lpa_init!r}")
@@ -135,7 +150,8 @@ def _reject_unsupported(is_expert, skip_weight_param_allocation, disable_grad_re
 
 
 class _LowRankBase(torch.nn.Module):
-    """What both slots share: parameter creation, megatron's extra-state contract, no delayed wgrad."""
+    """What both slots share: parameter creation, megatron's extra-state contract, no delayed
+    wgrad."""
 
     def __init__(self, config: ModelParallelConfig, tp_group, lpa_init: str, lpa_rank: int):
         super().__init__()
@@ -146,20 +162,33 @@ class _LowRankBase(torch.nn.Module):
         self.sequence_parallel = config.sequence_parallel and self.tp_size > 1
         self.lpa_init, self.lpa_rank = lpa_init, lpa_rank
         self._device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
-        # megatron's linears always carry an (empty) _extra_state entry; keep checkpoints compatible.
+        # megatron's linears always carry an (empty) _extra_state entry; keep checkpoints
+        # compatible.
         self._register_load_state_dict_pre_hook(
-            lambda state_dict, prefix, *args, **kwargs: state_dict.setdefault(f"{prefix}_extra_state")
+            lambda state_dict, prefix, *args, **kwargs: state_dict.setdefault(
+                f"{prefix}_extra_state"
+            )
         )
 
     def _factor(self, shape, fan_in: int, init_method: Callable, split_dim: Optional[int]):
-        """A factor parameter: this rank's slice (along ``split_dim``, or all) of the full factor."""
-        master = _init_factor(shape, self.lpa_init, fan_in, self.lpa_rank, init_method,
-                              self._device, self.config.perform_initialization)
+        """A factor parameter: this rank's slice (along ``split_dim``, or all) of the full
+        factor."""
+        master = _init_factor(
+            shape,
+            self.lpa_init,
+            fan_in,
+            self.lpa_rank,
+            init_method,
+            self._device,
+            self.config.perform_initialization,
+        )
         if split_dim is not None:
             master = master.chunk(self.tp_size, dim=split_dim)[self.tp_rank]
         param = Parameter(master.to(self.config.params_dtype).contiguous())
         set_tensor_model_parallel_attributes(
-            param, is_parallel=split_dim is not None, dim=split_dim if split_dim is not None else -1,
+            param,
+            is_parallel=split_dim is not None,
+            dim=split_dim if split_dim is not None else -1,
             stride=1,
         )
         setattr(param, "allreduce", True)
@@ -171,16 +200,23 @@ class _LowRankBase(torch.nn.Module):
         setattr(bias, "allreduce", True)
         return bias
 
-    def _linear(self, input_: torch.Tensor, weight: Parameter,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _linear(
+        self, input_: torch.Tensor, weight: Parameter, bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``F.linear``; with ``gradient_accumulation_fusion``, megatron's linear function instead,
         whose backward adds the weight gradient straight into ``weight.main_grad`` (fp32) rather
         than writing a bf16 gradient for megatron's DDP to add in a second pass."""
         if not self.config.gradient_accumulation_fusion:
             return F.linear(input_, weight, bias)
         return linear_with_grad_accumulation_and_async_allreduce(
-            input_, weight, bias, gradient_accumulation_fusion=True, allreduce_dgrad=False,
-            sequence_parallel=False, tp_group=self.tp_group)
+            input_,
+            weight,
+            bias,
+            gradient_accumulation_fusion=True,
+            allreduce_dgrad=False,
+            sequence_parallel=False,
+            tp_group=self.tp_group,
+        )
 
     def backward_dw(self) -> None:
         """Delayed weight-gradient computation is not used: gradients come from autograd."""
@@ -195,7 +231,11 @@ class _LowRankBase(torch.nn.Module):
     def _sharded_state_dict(self, axis_map, prefix, sharded_offsets, metadata):
         state_dict = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, axis_map, sharded_offsets, tp_group=self.tp_group,
+            state_dict,
+            prefix,
+            axis_map,
+            sharded_offsets,
+            tp_group=self.tp_group,
             dp_cp_group=(metadata or {}).get("dp_cp_group"),
         )
 
@@ -203,15 +243,15 @@ class _LowRankBase(torch.nn.Module):
 class LowRankColumnParallelLinear(_LowRankBase):
     """Column slot: ``P`` low-rank projections sharing one fused down-projection.
 
-    ``forward(x)``: ``x`` is ``[s, b, d]`` (``[s/t, b, d]`` with SP); returns ``([s, b, out/t], None)``
-    in megatron's per-rank layout: for ``qkv``, per local query group ``[q heads, k, v]``; for
-    ``gate_up``, ``[gate, up]``. Parameters: ``down_weight [P*r, d]`` and, with ``bias``,
-    ``down_bias [P*r]`` (both replicated), ``up_weight_<p> [out_p/t, r]`` per projection ``p`` (split
-    dim 0).
+    ``forward(x)``: ``x`` is ``[s, b, d]`` (``[s/t, b, d]`` with SP); returns ``([s, b, out/t],
+    None)`` in megatron's per-rank layout: for ``qkv``, per local query group ``[q heads, k, v]``;
+    for ``gate_up``, ``[gate, up]``. Parameters: ``down_weight [P*r, d]`` and, with ``bias``,
+    ``down_bias [P*r]`` (both replicated), ``up_weight_<p> [out_p/t, r]`` per projection ``p``
+    (split dim 0).
 
     The bias sits on A's r-wide output, as in the paper's code (``Linear(d, r)`` with a bias, then
-    ``Linear(r, out, bias=False)``): ``y = B (A x + c)``. So it is always added here and never handed
-    back for the caller to add (``skip_bias_add`` has nothing to skip).
+    ``Linear(r, out, bias=False)``): ``y = B (A x + c)``. So it is always added here and never
+    handed back for the caller to add (``skip_bias_add`` has nothing to skip).
 
     Args (beyond megatron's ``ColumnParallelLinear`` keywords, given through the spec's params):
         lpa_rank: r, the rank of every projection in the slot.
@@ -222,7 +262,8 @@ class LowRankColumnParallelLinear(_LowRankBase):
     """
 
     bias_weights = {"down_bias": "down_weight"}
-    """The factor whose output each bias is added to (``models/pytorch_init.py`` reads its fan-in)."""
+    """The factor whose output each bias is added to (``models/pytorch_init.py`` reads its
+    fan-in)."""
 
     def __init__(
         self,
@@ -249,8 +290,9 @@ class LowRankColumnParallelLinear(_LowRankBase):
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
     ):
         super().__init__(config, tp_group, lpa_init, lpa_rank)
-        _reject_unsupported(is_expert, skip_weight_param_allocation, disable_grad_reduce,
-                            type(self).__name__)
+        _reject_unsupported(
+            is_expert, skip_weight_param_allocation, disable_grad_reduce, type(self).__name__
+        )
         self.input_size, self.output_size = input_size, output_size
         self.gather_output = gather_output
         if split_output and gather_output:
@@ -266,13 +308,15 @@ class LowRankColumnParallelLinear(_LowRankBase):
             check_lpa_rank(lpa_rank, input_size, size, f"{tp_comm_buffer_name or 'column'} {name}")
 
         num_parts = len(part_sizes)
-        self.down_weight = self._factor((num_parts * lpa_rank, input_size), input_size,
-                                        init_method, split_dim=None)
+        self.down_weight = self._factor(
+            (num_parts * lpa_rank, input_size), input_size, init_method, split_dim=None
+        )
         # With SP each rank sees its own sequence shard, so A's gradient must be summed over TP.
         setattr(self.down_weight, "sequence_parallel", self.sequence_parallel)
         for name, size in zip(self.part_names, part_sizes):
             self.register_parameter(
-                self._up_name(name), self._factor((size, lpa_rank), lpa_rank, init_method, 0))
+                self._up_name(name), self._factor((size, lpa_rank), lpa_rank, init_method, 0)
+            )
         if bias:
             self.down_bias = self._bias(num_parts * lpa_rank, tp_split=False)
             setattr(self.down_bias, "sequence_parallel", self.sequence_parallel)
@@ -287,8 +331,10 @@ class LowRankColumnParallelLinear(_LowRankBase):
             groups = config.num_query_groups or heads
             q_size, kv_size = heads * config.kv_channels, groups * config.kv_channels
             if output_size != q_size + 2 * kv_size:
-                raise ValueError(f"qkv slot of width {output_size} does not match {heads} heads, "
-                                 f"{groups} query groups of {config.kv_channels} channels.")
+                raise ValueError(
+                    f"qkv slot of width {output_size} does not match {heads} heads, "
+                    f"{groups} query groups of {config.kv_channels} channels."
+                )
             return ("q", "k", "v"), [q_size, kv_size, kv_size], groups
         if projections == "gate_up":
             return ("gate", "up"), [output_size // 2, output_size // 2], 1
@@ -313,23 +359,29 @@ class LowRankColumnParallelLinear(_LowRankBase):
         return torch.cat(blocks, dim=-1).reshape(*lead, self.output_size_per_partition)
 
     def forward(
-        self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+        self,
+        input_: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if weight is not None:
-            raise NotImplementedError("LowRankColumnParallelLinear owns its factors; pass no weight.")
+            raise NotImplementedError(
+                "LowRankColumnParallelLinear owns its factors; pass no weight."
+            )
         # [s(/t), b, d] -> [s(/t), b, P*r]: one GEMM reads the input once for all projections.
         low = self._linear(input_, self.down_weight, self.down_bias)
         if self.sequence_parallel:
             # [s/t, b, P*r] -> [s, b, P*r]; backward reduce-scatters the r-wide gradient.
-            low = gather_from_sequence_parallel_region(low, tensor_parallel_output_grad=True,
-                                                       group=self.tp_group)
+            low = gather_from_sequence_parallel_region(
+                low, tensor_parallel_output_grad=True, group=self.tp_group
+            )
         elif self.tp_size > 1:
             # Identity forward; backward all-reduces the r-wide gradient of the partial head sums.
             low = copy_to_tensor_model_parallel_region(low, group=self.tp_group)
         # [s, b, P*r] -> P x [s, b, out_p/t]
-        outputs = [self._linear(h, w)
-                   for h, w in zip(low.split(self.lpa_rank, dim=-1), self.up_weights())]
+        outputs = [
+            self._linear(h, w) for h, w in zip(low.split(self.lpa_rank, dim=-1), self.up_weights())
+        ]
         if self.split_output:
             return outputs, None
         output = self._interleave(outputs)  # -> [s, b, out/t]
@@ -343,14 +395,17 @@ class LowRankColumnParallelLinear(_LowRankBase):
         return self._sharded_state_dict(axis_map, prefix, sharded_offsets, metadata)
 
     def __repr__(self):
-        return (f"{type(self).__name__}(in_features={self.input_size}, "
-                f"out_features={self.output_size}, rank={self.lpa_rank}, "
-                f"projections={self.part_names}, bias={self.down_bias is not None}, "
-                f"TP={self.tp_size})")
+        return (
+            f"{type(self).__name__}(in_features={self.input_size}, "
+            f"out_features={self.output_size}, rank={self.lpa_rank}, "
+            f"projections={self.part_names}, bias={self.down_bias is not None}, "
+            f"TP={self.tp_size})"
+        )
 
 
 class LowRankRowParallelLinear(_LowRankBase):
-    """Row slot: ``y = B (A x)`` with A split along its input and the reduction on the r-wide partial sums.
+    """Row slot: ``y = B (A x)`` with A split along its input and the reduction on the r-wide
+    partial sums.
 
     ``forward(x)``: ``x`` is ``[s, b, in/t]`` (the local heads or FFN shard); returns
     ``([s, b, out], bias)`` (``[s/t, b, out]`` with SP). Parameters: ``down_weight [r, in/t]``
@@ -358,7 +413,8 @@ class LowRankRowParallelLinear(_LowRankBase):
     """
 
     bias_weights = {"bias": "up_weight"}
-    """The factor whose output each bias is added to (``models/pytorch_init.py`` reads its fan-in)."""
+    """The factor whose output each bias is added to (``models/pytorch_init.py`` reads its
+    fan-in)."""
 
     def __init__(
         self,
@@ -381,8 +437,10 @@ class LowRankRowParallelLinear(_LowRankBase):
         super().__init__(config, tp_group, lpa_init, lpa_rank)
         _reject_unsupported(is_expert, False, False, type(self).__name__)
         if not input_is_parallel:
-            raise NotImplementedError("LowRankRowParallelLinear needs input_is_parallel=True "
-                                      "(megatron's attention and MLP always pass it).")
+            raise NotImplementedError(
+                "LowRankRowParallelLinear needs input_is_parallel=True "
+                "(megatron's attention and MLP always pass it)."
+            )
         self.input_size, self.output_size = input_size, output_size
         self.skip_bias_add = skip_bias_add
         self.input_size_per_partition = divide(input_size, self.tp_size)
@@ -402,11 +460,15 @@ class LowRankRowParallelLinear(_LowRankBase):
         # [s, b, in/t] -> [s, b, r], a partial sum over this rank's input shard.
         low = self._linear(input_, self.down_weight)
         if self.sequence_parallel:
-            low = reduce_scatter_to_sequence_parallel_region(low, group=self.tp_group)  # [s/t, b, r]
+            low = reduce_scatter_to_sequence_parallel_region(
+                low, group=self.tp_group
+            )  # [s/t, b, r]
         elif self.tp_size > 1:
             low = reduce_from_tensor_model_parallel_region(low, group=self.tp_group)  # [s, b, r]
         add_bias = self.bias is not None and not self.skip_bias_add
-        output = self._linear(low, self.up_weight, self.bias if add_bias else None)  # [s(/t), b, out]
+        output = self._linear(
+            low, self.up_weight, self.bias if add_bias else None
+        )  # [s(/t), b, out]
         return output, self.bias if self.skip_bias_add else None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -414,6 +476,8 @@ class LowRankRowParallelLinear(_LowRankBase):
         return self._sharded_state_dict({"down_weight": 1}, prefix, sharded_offsets, metadata)
 
     def __repr__(self):
-        return (f"{type(self).__name__}(in_features={self.input_size}, "
-                f"out_features={self.output_size}, rank={self.lpa_rank}, "
-                f"bias={self.bias is not None}, TP={self.tp_size})")
+        return (
+            f"{type(self).__name__}(in_features={self.input_size}, "
+            f"out_features={self.output_size}, rank={self.lpa_rank}, "
+            f"bias={self.bias is not None}, TP={self.tp_size})"
+        )

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
-
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -36,13 +35,22 @@ class NormalizedOutputLinear(MegatronModule):
     (replicated).
     """
 
-    def __init__(self, input_size: int, output_size: int, *, config,
-                 submodules: NormalizedOutputSubmodules, **linear_kwargs):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config,
+        submodules: NormalizedOutputSubmodules,
+        **linear_kwargs,
+    ):
         super().__init__(config=config)
-        self.linear = build_module(submodules.linear, input_size, output_size, config=config,
-                                   **linear_kwargs)
-        self.norm = build_module(submodules.norm, config=config, hidden_size=output_size,
-                                 eps=config.layernorm_epsilon)
+        self.linear = build_module(
+            submodules.linear, input_size, output_size, config=config, **linear_kwargs
+        )
+        self.norm = build_module(
+            submodules.norm, config=config, hidden_size=output_size, eps=config.layernorm_epsilon
+        )
 
     def forward(self, input_: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         output, bias = self.linear(input_)

@@ -38,27 +38,33 @@ def _gemm(name: str, m: int, k: int, n: int, act: int) -> list:
     """Forward, input-gradient and weight-gradient GEMMs of ``y[m, n] = x[m, k] W[k, n]``."""
     flops = 2.0 * m * k * n
     weight_grad_bytes = 2 * 4 * k * n  # fp32 main_grad, read and written
-    return [Kernel(f"{name} fwd", flops, act * (m * k + k * n + m * n)),
-            Kernel(f"{name} dgrad", flops, act * (m * n + k * n + m * k)),
-            Kernel(f"{name} wgrad", flops, act * (m * n + m * k) + weight_grad_bytes)]
+    return [
+        Kernel(f"{name} fwd", flops, act * (m * k + k * n + m * n)),
+        Kernel(f"{name} dgrad", flops, act * (m * n + k * n + m * k)),
+        Kernel(f"{name} wgrad", flops, act * (m * n + m * k) + weight_grad_bytes),
+    ]
 
 
 def _projection(name: str, tokens: int, d_in: int, d_out: int, rank: int, act: int) -> list:
     if not rank:
         return _gemm(name, tokens, d_in, d_out, act)
-    return (_gemm(f"{name}.A", tokens, d_in, rank, act)
-            + _gemm(f"{name}.B", tokens, rank, d_out, act))
+    return _gemm(f"{name}.A", tokens, d_in, rank, act) + _gemm(
+        f"{name}.B", tokens, rank, d_out, act
+    )
 
 
-def _elementwise(name: str, reads: int, writes: int, backward_reads: int, backward_writes: int,
-                 act: int) -> list:
-    return [Kernel(f"{name} fwd", 0.0, act * (reads + writes)),
-            Kernel(f"{name} bwd", 0.0, act * (backward_reads + backward_writes))]
+def _elementwise(
+    name: str, reads: int, writes: int, backward_reads: int, backward_writes: int, act: int
+) -> list:
+    return [
+        Kernel(f"{name} fwd", 0.0, act * (reads + writes)),
+        Kernel(f"{name} bwd", 0.0, act * (backward_reads + backward_writes)),
+    ]
 
 
-def layer_kernels(config: LPAConfig, micro_batch: int, seq_length: int,
-                  act_bytes: int = 2) -> list:
-    """Every counted kernel of one layer's forward and backward for a ``[seq, batch]`` micro-batch."""
+def layer_kernels(config: LPAConfig, micro_batch: int, seq_length: int, act_bytes: int = 2) -> list:
+    """Every counted kernel of one layer's forward and backward for a ``[seq, batch]``
+    micro-batch."""
     t, d = micro_batch * seq_length, config.hidden_size
     heads = config.num_attention_heads
     groups = config.num_query_groups or heads
@@ -77,14 +83,18 @@ def layer_kernels(config: LPAConfig, micro_batch: int, seq_length: int,
     kernels += [
         Kernel("attention fwd", causal_flops, act_bytes * t * (2 * q_width + 2 * kv_width)),
         # Reads q, k, v, o, do; writes dq, dk, dv; recomputes the scores (2.5x the forward's FLOPs).
-        Kernel("attention bwd", 2.5 * causal_flops,
-               act_bytes * t * (3 * q_width + 2 * kv_width + 2 * kv_width + q_width)),
+        Kernel(
+            "attention bwd",
+            2.5 * causal_flops,
+            act_bytes * t * (3 * q_width + 2 * kv_width + 2 * kv_width + q_width),
+        ),
     ]
     kernels += _projection("o", t, q_width, d, attn_rank, act_bytes)
     fc1_width = 2 * ffn if config.gated_linear_unit else ffn
     kernels += _projection("fc1", t, d, fc1_width, ffn_rank, act_bytes)
-    kernels += _elementwise("activation", t * fc1_width, t * ffn, t * (fc1_width + ffn),
-                            t * fc1_width, act_bytes)
+    kernels += _elementwise(
+        "activation", t * fc1_width, t * ffn, t * (fc1_width + ffn), t * fc1_width, act_bytes
+    )
     kernels += _projection("fc2", t, ffn, d, ffn_rank, act_bytes)
     for residual in ("attention residual", "FFN residual"):  # backward: the gradient passes through
         kernels += [Kernel(f"{residual} fwd", 0.0, act_bytes * 3 * t * d)]

@@ -19,12 +19,15 @@ def matmul_params(config: LPAConfig) -> int:
     groups = config.num_query_groups or heads
     q_width, kv_width = heads * config.kv_channels, groups * config.kv_channels
     attn_rank, ffn_rank = config.lpa_attn_rank, config.lpa_ffn_rank
-    attention = (_projection_params(d, q_width, attn_rank)
-                 + 2 * _projection_params(d, kv_width, attn_rank)
-                 + _projection_params(q_width, d, attn_rank))
+    attention = (
+        _projection_params(d, q_width, attn_rank)
+        + 2 * _projection_params(d, kv_width, attn_rank)
+        + _projection_params(q_width, d, attn_rank)
+    )
     fc1_count = 2 if config.gated_linear_unit else 1
-    ffn = (fc1_count * _projection_params(d, config.ffn_hidden_size, ffn_rank)
-           + _projection_params(config.ffn_hidden_size, d, ffn_rank))
+    ffn = fc1_count * _projection_params(d, config.ffn_hidden_size, ffn_rank) + _projection_params(
+        config.ffn_hidden_size, d, ffn_rank
+    )
     return config.num_layers * (attention + ffn) + d * config.vocab_size
 
 

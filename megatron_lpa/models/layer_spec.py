@@ -31,7 +31,7 @@ from megatron_lpa.layers.low_rank_linear import (
     LowRankColumnParallelLinear,
     LowRankRowParallelLinear,
 )
-from megatron_lpa.layers.norm import SequenceParallelNorm
+from megatron_lpa.layers.norm import SequenceParallelNormFactory
 from megatron_lpa.layers.output_norm import NormalizedOutputLinear, NormalizedOutputSubmodules
 from megatron_lpa.layers.sdpa_attention import SDPAttention
 from megatron_lpa.models.lpa_config import LPAConfig
@@ -41,27 +41,38 @@ from megatron_lpa.ops.swiglu import SwiGLU
 def _column(config: LPAConfig, rank: int, projections: str, split_output: bool = False):
     if rank == 0:
         return ColumnParallelLinear
-    params = {"lpa_rank": rank, "projections": projections, "lpa_init": config.lpa_init,
-              "split_output": split_output}
+    params = {
+        "lpa_rank": rank,
+        "projections": projections,
+        "lpa_init": config.lpa_init,
+        "split_output": split_output,
+    }
     return ModuleSpec(module=LowRankColumnParallelLinear, params=params)
 
 
 def _row(config: LPAConfig, rank: int):
-    """A sublayer's output slot: its linear, with the norm after it for ``sublayer_norm="output"``."""
-    linear = RowParallelLinear if rank == 0 else ModuleSpec(
-        module=LowRankRowParallelLinear, params={"lpa_rank": rank, "lpa_init": config.lpa_init})
+    """A sublayer's output slot: its linear, with the norm after it for
+    ``sublayer_norm="output"``."""
+    linear = (
+        RowParallelLinear
+        if rank == 0
+        else ModuleSpec(
+            module=LowRankRowParallelLinear, params={"lpa_rank": rank, "lpa_init": config.lpa_init}
+        )
+    )
     if config.sublayer_norm == "input":
         return linear
-    return ModuleSpec(module=NormalizedOutputLinear,
-                      submodules=NormalizedOutputSubmodules(linear=linear,
-                                                            norm=SequenceParallelNorm))
+    return ModuleSpec(
+        module=NormalizedOutputLinear,
+        submodules=NormalizedOutputSubmodules(linear=linear, norm=SequenceParallelNormFactory),
+    )
 
 
 def get_lpa_layer_spec(config: LPAConfig) -> ModuleSpec:
     """One transformer layer for any of the four variants of ``config``."""
     fc1_projections = "gate_up" if config.gated_linear_unit else "single"
     core_attention = SDPAttention if config.core_attention == "sdpa" else DotProductAttention
-    input_norm = SequenceParallelNorm if config.sublayer_norm == "input" else IdentityOp
+    input_norm = SequenceParallelNormFactory if config.sublayer_norm == "input" else IdentityOp
     # LPA's Q, K and V go to attention separately (LPAConfig makes sure each TP rank holds whole
     # query groups and there is no output gate, the cases that need megatron's fused layout).
     low_rank_attention = config.lpa_attn_rank > 0
@@ -93,11 +104,11 @@ def get_lpa_layer_spec(config: LPAConfig) -> ModuleSpec:
     )
 
 
-def get_lpa_block_spec(config: LPAConfig, vp_stage=None) -> TransformerBlockSubmodules:
+def get_lpa_block_spec(config: LPAConfig) -> TransformerBlockSubmodules:
     """This pipeline stage's layers plus, with pre-norm, the final norm (SP-capable, unlike
     megatron's fallback)."""
     layer = get_lpa_layer_spec(config)
     return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-        layer_norm=SequenceParallelNorm if config.sublayer_norm == "input" else None,
+        layer_specs=[layer] * get_num_layers_to_build(config),
+        layer_norm=SequenceParallelNormFactory if config.sublayer_norm == "input" else None,
     )

@@ -3,8 +3,8 @@
 The paper's models are plain ``nn.Module``s, so each tensor starts as PyTorch initialises it:
 
     embeddings (token, position)      N(0, 1)                         (``nn.Embedding``)
-    linear weight [out, in]           U(-1/sqrt(in), 1/sqrt(in))      (``nn.Linear``, kaiming_uniform
-                                                                       with a=sqrt(5))
+    linear weight [out, in]           U(-1/sqrt(in), 1/sqrt(in))      (``nn.Linear``,
+                                                                       kaiming_uniform, a=sqrt(5))
     linear bias                       U(-1/sqrt(in), 1/sqrt(in)), ``in`` of the weight it follows
     norm weight / bias                1 / 0
 
@@ -18,7 +18,6 @@ import hashlib
 import math
 
 import torch
-
 from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
 
@@ -67,16 +66,20 @@ def global_names(model):
             return "embedding.word_embeddings.weight"
         for local, global_ in renames.items():
             if name.startswith(local):
-                return global_ + name[len(local):]
+                return global_ + name[len(local) :]
         return name
 
     return rename
 
 
 def _is_tied_output_weight(model, module, name: str) -> bool:
-    """The last stage's copy of the tied embedding (megatron keeps it equal to the first stage's)."""
-    return (name == "weight" and module is getattr(model, "output_layer", None)
-            and getattr(model, "share_embeddings_and_output_weights", False))
+    """The last stage's copy of the tied embedding (megatron keeps it equal to the first
+    stage's)."""
+    return (
+        name == "weight"
+        and module is getattr(model, "output_layer", None)
+        and getattr(model, "share_embeddings_and_output_weights", False)
+    )
 
 
 def _fan_in(module, name: str, params: dict, tp_size: int) -> int:
@@ -106,8 +109,9 @@ def _uniform(fan_in: int):
     return draw
 
 
-def _shard(draw, full_name: str, seed: int, param: torch.nn.Parameter, tp_size: int,
-           tp_rank: int) -> torch.Tensor:
+def _shard(
+    draw, full_name: str, seed: int, param: torch.nn.Parameter, tp_size: int, tp_rank: int
+) -> torch.Tensor:
     """Draws the full tensor of ``param`` and returns this rank's shard of it.
 
     A TP-split parameter holds, along ``partition_dim``, chunks ``rank, rank + t, ...`` of the full

@@ -2,8 +2,8 @@
 
 ``setup.py`` builds them when a CUDA build of torch and nvcc are present. Each op in this package
 calls its function on ``kernels_for(tensor)``: the extension, or its PyTorch fallback
-``reference.py`` (same names and signatures) on CPU tensors, and on GPU tensors when the extension was
-not built (with one warning).
+``reference.py`` (same names and signatures) on CPU tensors, and on GPU tensors when the extension
+was not built (with one warning).
 """
 
 import warnings
@@ -30,8 +30,8 @@ def kernels_for(tensor: torch.Tensor) -> ModuleType:
     if _C is None and not _warned:
         _warned = True
         warnings.warn(
-            "megatron_lpa's fused CUDA kernels are not built (no megatron_lpa._C); using the slower "
-            "PyTorch fallbacks. Build them with `pip install --no-build-isolation -e .` on a machine "
-            "with nvcc and a CUDA build of torch."
+            "megatron_lpa's fused CUDA kernels are not built (no megatron_lpa._C); using the "
+            "slower PyTorch fallbacks. Build them with `pip install --no-build-isolation -e .` on "
+            "a machine with nvcc and a CUDA build of torch."
         )
     return reference if _C is None else _C

@@ -24,7 +24,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         row_labels = labels.reshape(-1).long().contiguous()  # [s*b]
         vocab_start = rank * vocab
         row_max, sum_exp, label_logit = kernels_for(rows).cross_entropy_stats(
-            rows, row_labels, vocab_start)
+            rows, row_labels, vocab_start
+        )
         if tp_size > 1:
             global_max = row_max.clone()
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
@@ -40,13 +41,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         rows, row_labels, lse = ctx.saved_tensors
         grad = grad_loss.reshape(-1).float().contiguous()
-        grad_logits = kernels_for(rows).cross_entropy_backward(rows, row_labels, lse, grad,
-                                                               ctx.vocab_start)
+        grad_logits = kernels_for(rows).cross_entropy_backward(
+            rows, row_labels, lse, grad, ctx.vocab_start
+        )
         return grad_logits.view(ctx.logits_shape), None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
-                                 tp_group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, tp_group: Optional[dist.ProcessGroup]
+) -> torch.Tensor:
     """Per-token loss ``[s, b]`` (fp32) of ``logits [s, b, v/t]``, this rank's vocabulary slice
     (rank ``i`` holds columns ``[i*v/t, (i+1)*v/t)``), against global ``labels [s, b]``."""
     return _VocabParallelCrossEntropy.apply(logits, labels, tp_group)

@@ -21,7 +21,8 @@ def _label_columns(labels: torch.Tensor, vocab_start: int, vocab: int):
 
 
 def cross_entropy_stats(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int):
-    """``logits [n, v]``, ``labels [n]`` -> fp32 ``(row max, sum exp(x - max), label logit or 0)``."""
+    """``logits [n, v]``, ``labels [n]`` -> fp32 ``(row max, sum exp(x - max), label logit or
+    0)``."""
     x = _wide(logits)
     row_max = x.max(dim=-1).values
     sum_exp = torch.exp(x - row_max[:, None]).sum(dim=-1)
@@ -52,14 +53,16 @@ def _first_of_pair(rot: int, interleaved: bool, device) -> torch.Tensor:
 
 
 def rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool, backward: bool) -> torch.Tensor:
-    """Rotates ``t [s, b, h, d]`` by the angles ``freqs [s, rot]`` (``backward``: by their inverse)."""
+    """Rotates ``t [s, b, h, d]`` by the angles ``freqs [s, rot]`` (``backward``: by their
+    inverse)."""
     rot = freqs.shape[-1]
     x, passed = _wide(t[..., :rot]), _wide(t[..., rot:])
     angles = _wide(freqs)[:, None, None, :]
     sign = torch.where(_first_of_pair(rot, interleaved, t.device), -1.0, 1.0)
     if backward:
         rotated = x * torch.cos(angles) - sign * _partner(x, interleaved) * torch.sin(
-            _partner(angles, interleaved))
+            _partner(angles, interleaved)
+        )
     else:
         rotated = x * torch.cos(angles) + sign * _partner(x, interleaved) * torch.sin(angles)
     return torch.cat((rotated, passed), dim=-1).to(t.dtype)
@@ -88,8 +91,9 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     return (wide * rstd[:, None] * _wide(weight)).to(x.dtype), rstd
 
 
-def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                      rstd: torch.Tensor):
+def rms_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+):
     """Input and weight gradients of ``rms_norm_forward`` for the output gradient ``grad``."""
     dy, wide, w = _wide(grad), _wide(x), _wide(weight)
     r = rstd.to(wide.dtype)[:, None]

@@ -21,8 +21,11 @@ def _ops_for(*tensors: torch.Tensor):
     whole, aligned 16-byte vectors and at most ``MAX_VECTORS`` of them; else the PyTorch version."""
     per_vector = 16 // tensors[0].element_size()
     width = tensors[0].shape[-1]
-    fits = (width % per_vector == 0 and width // per_vector <= MAX_VECTORS
-            and all(t.data_ptr() % 16 == 0 and t.dtype == tensors[0].dtype for t in tensors))
+    fits = (
+        width % per_vector == 0
+        and width // per_vector <= MAX_VECTORS
+        and all(t.data_ptr() % 16 == 0 and t.dtype == tensors[0].dtype for t in tensors)
+    )
     return kernels_for(tensors[0]) if fits else reference
 
 

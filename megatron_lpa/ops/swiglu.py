@@ -5,7 +5,6 @@
 """
 
 import torch
-
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -32,7 +31,8 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 
 class SwiGLU(MegatronModule):
     """The MLP's activation: ``[s, b, 2f/t]`` (this rank's ``[gate, up]``, megatron's fc1 layout)
-    -> ``[s, b, f/t]``. Built by megatron's MLP from the spec when ``use_te_activation_func`` is on."""
+    -> ``[s, b, f/t]``. Built by megatron's MLP from the spec when ``use_te_activation_func`` is
+    on."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__(config=config)

@@ -1,4 +1,5 @@
-"""Weight gradients accumulated straight into megatron's fp32 ``main_grad`` (gradient-accumulation fusion).
+"""Weight gradients accumulated straight into megatron's fp32 ``main_grad`` (gradient-accumulation
+fusion).
 
 Without it, each linear's weight-gradient GEMM writes a bf16 ``param.grad`` and megatron's DDP hook
 then adds it into the fp32 ``main_grad`` buffer: a second pass over every weight per micro-batch
@@ -6,16 +7,15 @@ then adds it into the fp32 ``main_grad`` buffer: a second pass over every weight
 ``config.gradient_accumulation_fusion`` is set, but takes the GEMM from apex's
 ``fused_weight_gradient_mlp_cuda``. This module has that module's two functions, built on torch's
 mixed-precision ``addmm`` (bf16/fp16 inputs, fp32 accumulate and output, ``beta=1``), and
-``install_megatron_wgrad_hook`` hands them to megatron's linear layers.
+``megatron_patches.wgrad_accumulation`` hands them to megatron's linear layers.
 """
-
-import sys
 
 import torch
 
 
-def wgrad_gemm_accum_fp32(input_: torch.Tensor, grad_output: torch.Tensor,
-                          main_grad: torch.Tensor) -> None:
+def wgrad_gemm_accum_fp32(
+    input_: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
+) -> None:
     """``main_grad += grad_output^T @ input_`` with fp32 accumulation, in place.
 
     Args:
@@ -29,17 +29,9 @@ def wgrad_gemm_accum_fp32(input_: torch.Tensor, grad_output: torch.Tensor,
         main_grad.addmm_(grad_output.t().float(), input_.float())
 
 
-def wgrad_gemm_accum_fp16(input_: torch.Tensor, grad_output: torch.Tensor,
-                          main_grad: torch.Tensor) -> None:
-    """``main_grad += grad_output^T @ input_`` for a bf16/fp16 ``main_grad`` of the inputs' dtype."""
+def wgrad_gemm_accum_fp16(
+    input_: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
+) -> None:
+    """``main_grad += grad_output^T @ input_`` for a bf16/fp16 ``main_grad`` of the inputs'
+    dtype."""
     main_grad.addmm_(grad_output.t(), input_)
-
-
-def install_megatron_wgrad_hook() -> None:
-    """Lets megatron's linears take ``gradient_accumulation_fusion`` with this module's GEMMs,
-    unless apex already supplies ``fused_weight_gradient_mlp_cuda``."""
-    from megatron.core.tensor_parallel import layers
-
-    if not layers._grad_accum_fusion_available:
-        layers.fused_weight_gradient_mlp_cuda = sys.modules[__name__]
-        layers._grad_accum_fusion_available = True

@@ -42,6 +42,12 @@ def _tell_torchrun(message: str) -> None:
     if not path:
         return
     with open(path, "w") as f:
-        json.dump({"message": {"message": message,
-                               "extraInfo": {"py_callstack": message,
-                                             "timestamp": str(int(time.time()))}}}, f)
+        json.dump(
+            {
+                "message": {
+                    "message": message,
+                    "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))},
+                }
+            },
+            f,
+        )

@@ -3,9 +3,9 @@
 megatron-core 0.16.1 assumes CUDA in a few fixed ways. ``enable_cpu_support()`` covers each, and
 refuses to run when CUDA is available, so nothing here is ever active on a GPU:
 
-===============================================  ====================================================
+===============================================  ===================================================
 megatron-core call site                          what this module does on CPU
-===============================================  ====================================================
+===============================================  ===================================================
 ``torch.cuda.current_device()`` (~175 sites:     returns ``"cpu"``; a patch of the function, because
 attention buffers, RoPE, DDP grad buffers, the   some sites run inside autograd's backward where
 SP gathers in backward, ...)                     Python TorchFunctionModes are not active
@@ -17,9 +17,9 @@ SP gathers in backward, ...)                     Python TorchFunctionModes are n
 ``model_parallel_cuda_manual_seed``)            ``fork``'s warning "CPU RNG state changed within
                                                  GPU RNG context" is expected here and filtered
 ``device="cuda"`` literals and ``.cuda()``:      these functions run under ``_CudaToCpuMode``, which
-``schedules.forward_backward_*``                 rewrites the device to CPU and makes ``Tensor.type()``
-(``total_num_tokens``),                          answer ``torch.cuda.*Tensor`` for the dtype checks
-``fused_softmax.get_default_causal_mask``,
+``schedules.forward_backward_*``                 rewrites the device to CPU and makes
+(``total_num_tokens``),                          ``Tensor.type()`` answer ``torch.cuda.*Tensor``
+``fused_softmax.get_default_causal_mask``,       for the dtype checks
 ``optimizer.{get_grad_norm_fp32,
 clip_grad_by_total_norm_fp32, count_zeros_fp32}``
 (incl. the ``torch.cuda.FloatTensor`` assert),
@@ -27,7 +27,7 @@ optimizer and grad-scaler constructors
 (``found_inf``, scales, dtype checks),
 ``LanguageModule.setup_embeddings_and_output_
 layer`` (tied embeddings under PP)
-===============================================  ====================================================
+===============================================  ===================================================
 """
 
 import functools
@@ -54,7 +54,9 @@ class _CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
-            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+            return (
+                name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+            )
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         if _is_cuda(kwargs.get("device")):
@@ -78,23 +80,31 @@ def _patch_cuda_literals():
     from megatron.core.pipeline_parallel import schedules
 
     functions = {
-        schedules: ("forward_backward_no_pipelining",
-                    "forward_backward_pipelining_without_interleaving",
-                    "forward_backward_pipelining_with_interleaving"),
+        schedules: (
+            "forward_backward_no_pipelining",
+            "forward_backward_pipelining_without_interleaving",
+            "forward_backward_pipelining_with_interleaving",
+        ),
         fused_softmax: ("get_default_causal_mask",),
         optimizer: ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32", "count_zeros_fp32"),
     }
     for module, names in functions.items():
         for name in names:
             setattr(module, name, _on_cpu(getattr(module, name)))
-    classes = (optimizer.MixedPrecisionOptimizer, optimizer.Float16OptimizerWithFloat16Params,
-               optimizer.FP32Optimizer, distrib_optimizer.DistributedOptimizer,
-               grad_scaler.MegatronGradScaler, grad_scaler.ConstantGradScaler,
-               grad_scaler.DynamicGradScaler)
+    classes = (
+        optimizer.MixedPrecisionOptimizer,
+        optimizer.Float16OptimizerWithFloat16Params,
+        optimizer.FP32Optimizer,
+        distrib_optimizer.DistributedOptimizer,
+        grad_scaler.MegatronGradScaler,
+        grad_scaler.ConstantGradScaler,
+        grad_scaler.DynamicGradScaler,
+    )
     for cls in classes:
         cls.__init__ = _on_cpu(cls.__init__)
     LanguageModule.setup_embeddings_and_output_layer = _on_cpu(
-        LanguageModule.setup_embeddings_and_output_layer)
+        LanguageModule.setup_embeddings_and_output_layer
+    )
 
 
 def _patch_rng():
@@ -104,10 +114,13 @@ def _patch_rng():
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     torch.cuda.manual_seed = torch.manual_seed
     tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    tp_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+    tp_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(
+        new_state
+    )
     # fork() checks that the CPU generator is untouched inside a "GPU" stream; here they are one.
     logging.getLogger(tp_random.__name__).addFilter(
-        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+    )
 
 
 def enable_cpu_support() -> None:
@@ -116,8 +129,10 @@ def enable_cpu_support() -> None:
     if _enabled:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("CPU support for megatron-core is for machines without CUDA; this one "
-                           "has a GPU, so run on it (the CPU patches are never applied on GPUs).")
+        raise RuntimeError(
+            "CPU support for megatron-core is for machines without CUDA; this one "
+            "has a GPU, so run on it (the CPU patches are never applied on GPUs)."
+        )
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
     _patch_rng()

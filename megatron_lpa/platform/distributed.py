@@ -7,9 +7,9 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_lpa.platform import megatron_patches
 from megatron_lpa.platform.cpu_support import enable_cpu_support
 
 
@@ -21,10 +21,10 @@ def device_type() -> str:
 def initialize_distributed(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
-    virtual_pipeline_model_parallel_size=None,
     timeout_minutes: float = 10.0,
 ) -> None:
-    """Joins the torchrun world (or a world of one without torchrun) and builds megatron's groups.
+    """Start-up: megatron-core's patches, the torchrun world (or a world of one without torchrun)
+    and megatron's groups.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR``/``MASTER_PORT`` as set by
     torchrun; without them, a world of one on a free local port. Data-parallel size is what is
@@ -38,6 +38,7 @@ def initialize_distributed(
             f"{tensor_model_parallel_size} x --pipeline-model-parallel-size "
             f"{pipeline_model_parallel_size}; launch a multiple of {model_parallel} processes."
         )
+    megatron_patches.apply()
     if device_type() == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
@@ -47,8 +48,7 @@ def initialize_distributed(
     if not dist.is_initialized():
         # Without torchrun, a private port: setting MASTER_PORT here would leak into child
         # processes (tests, tools) and make their own process groups collide with this one.
-        init_method = ("env://" if "MASTER_ADDR" in os.environ
-                       else f"tcp://127.0.0.1:{_free_port()}")
+        init_method = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(
             backend=backend,
             init_method=init_method,
@@ -59,7 +59,6 @@ def initialize_distributed(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
 
 
@@ -78,8 +77,9 @@ def set_seed(seed: int, graph_safe: bool = False) -> None:
     graph can register, so replays draw fresh random numbers (needed by ``--cuda-graph``).
     """
     # force_reset: a tracker of an earlier run in this process may be of the other kind.
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=graph_safe,
-                                                    force_reset_rng=True)
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        seed, use_cudagraphable_rng=graph_safe, force_reset_rng=True
+    )
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(stage_seed)
     np.random.seed(stage_seed)

@@ -13,8 +13,9 @@ _MESSAGES = (r"Transformer Engine and Apex are not installed\.", r"Apex is not i
 
 def filter_optional_kernel_warnings() -> None:
     for message in _MESSAGES:
-        warnings.filterwarnings("ignore", message=message, category=UserWarning,
-                                module=r"megatron\.core")
+        warnings.filterwarnings(
+            "ignore", message=message, category=UserWarning, module=r"megatron\.core"
+        )
 
 
 def optional_kernels_line() -> str:
@@ -24,6 +25,8 @@ def optional_kernels_line() -> str:
 
     if HAVE_TE or not USING_PYTORCH_OPTIMIZER:
         return ""
-    return ("Without Transformer Engine and Apex: torch's AdamW inside megatron-core's optimizer, "
-            "megatron-core's local multi-tensor ops, and megatron_lpa's norms, SDPA attention and "
-            "kernels (megatron_lpa/ops, PyTorch fallbacks where not built).")
+    return (
+        "Without Transformer Engine and Apex: torch's AdamW inside megatron-core's optimizer, "
+        "megatron-core's local multi-tensor ops, and megatron_lpa's norms, SDPA attention and "
+        "kernels (megatron_lpa/ops, PyTorch fallbacks where not built)."
+    )

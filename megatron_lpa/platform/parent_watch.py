@@ -20,8 +20,9 @@ def exit_with_parent(parent_pid: int, who: str = "") -> None:
             start (``os.getppid()``): by the time it is checked the parent may already be gone.
         who: if given, printed to standard error before exiting, e.g. "rank 3".
     """
-    threading.Thread(target=_watch, args=(parent_pid, who), daemon=True,
-                     name="exit-with-parent").start()
+    threading.Thread(
+        target=_watch, args=(parent_pid, who), daemon=True, name="exit-with-parent"
+    ).start()
 
 
 def _watch(parent_pid: int, who: str) -> None:
@@ -29,8 +30,11 @@ def _watch(parent_pid: int, who: str) -> None:
         time.sleep(1)
     if who:
         try:
-            print(f"{who}: the process that started it (pid {parent_pid}) is gone; exiting.",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{who}: the process that started it (pid {parent_pid}) is gone; exiting.",
+                file=sys.stderr,
+                flush=True,
+            )
         except OSError:  # its standard error may have been a pipe to that process
             pass
     os._exit(1)

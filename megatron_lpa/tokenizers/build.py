@@ -23,7 +23,9 @@ _WHAT_TO_PASS = {
 
 _MODEL_HINTS = {
     "SentencePieceTokenizer": "a SentencePiece .model file (tools/train_tokenizer.py trains one)",
-    "GPTSentencePieceTokenizer": "a SentencePiece .model file (tools/train_tokenizer.py trains one)",
+    "GPTSentencePieceTokenizer": (
+        "a SentencePiece .model file (tools/train_tokenizer.py trains one)"
+    ),
     "Llama2Tokenizer": "LLaMA-2's tokenizer.model",
     "HuggingFaceTokenizer": "a tokenizer.json file or the directory holding it",
 }
@@ -67,7 +69,8 @@ def build_tokenizer(
         )
     if tokenizer_type not in TOKENIZER_TYPES:
         raise TokenizerConfigError(
-            f"unknown --tokenizer-type {tokenizer_type!r}; pass one of: {', '.join(TOKENIZER_TYPES)}"
+            f"unknown --tokenizer-type {tokenizer_type!r}; pass one of: "
+            f"{', '.join(TOKENIZER_TYPES)}"
         )
     values = {
         "--tokenizer-model": tokenizer_model,

@@ -67,7 +67,9 @@ class GPTSentencePieceTokenizer(Tokenizer):
         for i in range(sp.get_piece_size()):
             if sp.is_control(i) or sp.is_unknown(i):
                 continue
-            lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+            lengths[i] = (
+                1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+            )
         return lengths
 
 

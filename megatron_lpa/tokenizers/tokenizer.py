@@ -72,8 +72,13 @@ class Tokenizer(ABC):
         sum(token_bytes[targets])``, comparable across tokenizers. This default decodes each id
         alone; subclasses whose single-id decode drops or invents characters override it."""
         special = {self.eod, self.pad, self.bos, self.eos}
-        return np.array([0 if i in special else len(self.detokenize([i]).encode("utf-8"))
-                         for i in range(self.vocab_size)], dtype=np.int64)
+        return np.array(
+            [
+                0 if i in special else len(self.detokenize([i]).encode("utf-8"))
+                for i in range(self.vocab_size)
+            ],
+            dtype=np.int64,
+        )
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Returns the token ids of each text; subclasses batch this for speed."""

@@ -16,9 +16,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
-
 from megatron.core import parallel_state
+from torch.utils.data import Dataset
 
 from megatron_lpa.data.indexed_reader import IndexedDatasetReader
 from megatron_lpa.data.json_documents import JsonDocumentParser, iter_documents
@@ -27,15 +26,17 @@ from megatron_lpa.platform.distributed import device_type
 JSON_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".jsonl.xz", ".json")
 
 
-def _loss_func(loss_mask: torch.Tensor, target_bytes: Optional[torch.Tensor],
-               output: torch.Tensor):
+def _loss_func(loss_mask: torch.Tensor, target_bytes: Optional[torch.Tensor], output: torch.Tensor):
     """Token-sum loss of a micro-batch; reports (sum, tokens, bytes) so means over steps are
     exact."""
     mask = loss_mask.reshape(-1).float()
     loss_sum = (output.float().reshape(-1) * mask).sum()
     num_tokens = mask.sum().to(torch.int)
-    byte_count = (target_bytes.reshape(-1).float() * mask).sum() if target_bytes is not None \
+    byte_count = (
+        (target_bytes.reshape(-1).float() * mask).sum()
+        if target_bytes is not None
         else torch.zeros((), device=mask.device)
+    )
     report = torch.stack([loss_sum.detach().clone(), mask.sum(), byte_count])
     return loss_sum, num_tokens, {"lm loss": report}
 
@@ -50,7 +51,8 @@ def forward_step(data_iterator, model, token_bytes: Optional[torch.Tensor] = Non
     device = device_type()
     tokens, labels, loss_mask, positions = (
         batch[key].to(device, non_blocking=True)
-        for key in ("tokens", "labels", "loss_mask", "position_ids"))
+        for key in ("tokens", "labels", "loss_mask", "position_ids")
+    )
     attention_mask = batch.get("attention_mask")
     if attention_mask is not None:
         attention_mask = attention_mask.to(device, non_blocking=True)
@@ -94,9 +96,13 @@ class LossTotals:
         return self.nats / math.log(2) / self.bytes if self.bytes > 0 else None
 
     def as_dict(self) -> dict:
-        return {"loss": self.loss, "perplexity": self.perplexity,
-                "bits_per_byte": self.bits_per_byte, "tokens": int(self.tokens),
-                "bytes": int(self.bytes)}
+        return {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+            "tokens": int(self.tokens),
+            "bytes": int(self.bytes),
+        }
 
 
 def token_bytes_on_device(tokenizer, vocab_size: int) -> Optional[torch.Tensor]:
@@ -105,7 +111,7 @@ def token_bytes_on_device(tokenizer, vocab_size: int) -> Optional[torch.Tensor]:
         return None
     table = np.zeros(vocab_size, dtype=np.int64)
     per_id = tokenizer.token_bytes()
-    table[:len(per_id)] = per_id
+    table[: len(per_id)] = per_id
     return torch.from_numpy(table).to(device_type())
 
 
@@ -142,14 +148,18 @@ class SequentialWindows(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         s = self.seq_length
-        window = torch.from_numpy(self.stream[index * s:(index + 1) * s + 1].astype(np.int64))
+        window = torch.from_numpy(self.stream[index * s : (index + 1) * s + 1].astype(np.int64))
         valid = len(window) - 1
         padded = torch.full((s + 1,), self.pad_id, dtype=torch.int64)
-        padded[:len(window)] = window
+        padded[: len(window)] = window
         loss_mask = torch.zeros(s)
         loss_mask[:valid] = 1.0
-        return {"tokens": padded[:-1], "labels": padded[1:], "loss_mask": loss_mask,
-                "position_ids": torch.arange(s)}
+        return {
+            "tokens": padded[:-1],
+            "labels": padded[1:],
+            "loss_mask": loss_mask,
+            "position_ids": torch.arange(s),
+        }
 
 
 class PaddedDataset(Dataset):

@@ -226,7 +226,7 @@ def test_bad_lines_stop_the_run_or_are_skipped(tmp_path, run_preprocess, sp_mode
         "--input", source, "--output-prefix", tmp_path / "o", "--workers", 2
     )
     assert status == 1
-    assert f"c.jsonl:5: " in output and reason in output and "--skip-bad-lines" in output
+    assert "c.jsonl:5: " in output and reason in output and "--skip-bad-lines" in output
     assert _outputs(tmp_path) == []  # no dataset, no temporary files
 
     status, output = run_preprocess(

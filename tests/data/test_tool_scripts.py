@@ -23,7 +23,10 @@ def _tool(name: str, *args) -> list[str]:
 def test_train_tokenizer_then_preprocess_then_merge_as_scripts(tmp_path):
     records = [{"text": t} for t in make_documents(300, seed=7)]
     source = write_jsonl(tmp_path / "c.jsonl.zst", records, "zst")
-    run = lambda *cmd: subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+
+    def run(*cmd):
+        return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+
     trained = run(
         *_tool(
             "train_tokenizer",
@@ -186,11 +189,28 @@ def test_a_worker_that_starts_late_does_not_hang_the_exit(tmp_path, sp_model):
     source = write_jsonl(tmp_path / "one.jsonl", [{"text": "a document for the first worker"}])
     prefix = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "data" / "late_worker_start.py"),
-         *_tool("preprocess_data", "--input", source, "--output-prefix", prefix, "--workers", 2,
-                "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model",
-                sp_model)[1:]],
-        env=ENV, capture_output=True, text=True, timeout=60, start_new_session=True,
+        [
+            sys.executable,
+            str(REPO / "tests" / "data" / "late_worker_start.py"),
+            *_tool(
+                "preprocess_data",
+                "--input",
+                source,
+                "--output-prefix",
+                prefix,
+                "--workers",
+                2,
+                "--tokenizer-type",
+                "GPTSentencePieceTokenizer",
+                "--tokenizer-model",
+                sp_model,
+            )[1:],
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
     )
     assert run.returncode == 0 and "interrupted" not in run.stderr, run.stderr
     assert IndexedDatasetReader(str(tmp_path / "out_text_document")).num_documents == 1

@@ -7,8 +7,9 @@ from tests.launch import torchrun
 
 def test_lpa_attention_tp_traffic_scales_with_rank_not_width():
     output = torchrun("distributed/comm_volume_worker.py", 2)
-    rows = [json.loads(line.split("VOLUME ", 1)[1]) for line in output.splitlines()
-            if "VOLUME " in line]
+    rows = [
+        json.loads(line.split("VOLUME ", 1)[1]) for line in output.splitlines() if "VOLUME " in line
+    ]
     volume = {(row["d"], row["r"], row["sp"]): row["elements"] / row["tokens"] for row in rows}
     assert len(volume) == 12
     for sp in (False, True):

@@ -32,15 +32,21 @@ def main():
     args = parser.parse_args()
     saved = load_saved_model(args.load)
     vocab = saved.tokenizer.vocab_size
-    tokens = torch.randint(0, vocab, (2, saved.cfg.seq_length),
-                           generator=torch.Generator().manual_seed(5))
-    result = {"tokens": tokens, "logits": our_logits(saved.model, tokens)[..., :vocab],
-              "prompt": saved.tokenizer.tokenize(args.prompt), "refused": {}}
+    tokens = torch.randint(
+        0, vocab, (2, saved.cfg.model.seq_length), generator=torch.Generator().manual_seed(5)
+    )
+    result = {
+        "tokens": tokens,
+        "logits": our_logits(saved.model, tokens)[..., :vocab],
+        "prompt": saved.tokenizer.tokenize(args.prompt),
+        "refused": {},
+    }
     sequence = list(result["prompt"])
     for _ in range(GREEDY_TOKENS):
-        sequence.append(int(our_logits(saved.model, torch.tensor([sequence]))[0, -1, :vocab]
-                            .argmax()))
-    result["greedy"] = sequence[len(result["prompt"]):]
+        sequence.append(
+            int(our_logits(saved.model, torch.tensor([sequence]))[0, -1, :vocab].argmax())
+        )
+    result["greedy"] = sequence[len(result["prompt"]) :]
     for form in ("merged", "factored"):
         try:
             export(saved, f"{args.export_dir}/{form}", form)

@@ -16,8 +16,9 @@ from tests.hf.conftest import KINDS, VOCAB
 def hf_logits(directory, tokens) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, trust_remote_code=True, dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         return model(tokens).logits
 
@@ -27,8 +28,9 @@ def test_factored_export_computes_our_logits(exported, kind):
     reference, out = exported(kind)
     config = json.loads((out / "factored" / "config.json").read_text())
     assert config["architectures"] == ["LpaForCausalLM"] and config["vocab_size"] == VOCAB
-    torch.testing.assert_close(hf_logits(out / "factored", reference["tokens"]),
-                               reference["logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        hf_logits(out / "factored", reference["tokens"]), reference["logits"], rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("kind", ["llama_lpa_gqa_bias", "llama_lowrank_ffn_tied"])
@@ -40,10 +42,12 @@ def test_merged_export_is_a_llama_with_our_logits(exported, kind):
     assert config["model_type"] == "llama" and config["rms_norm_eps"] == 1e-6
     assert (config.get("rope_parameters") or config)["rope_theta"] == 5000
     assert config["tie_word_embeddings"] == (kind == "llama_lowrank_ffn_tied")
-    assert not any(".A." in key or ".B." in key for key in load_file(out / "merged" /
-                                                                      "model.safetensors"))
-    torch.testing.assert_close(hf_logits(out / "merged", reference["tokens"]),
-                               reference["logits"], rtol=0, atol=1e-5)
+    assert not any(
+        ".A." in key or ".B." in key for key in load_file(out / "merged" / "model.safetensors")
+    )
+    torch.testing.assert_close(
+        hf_logits(out / "merged", reference["tokens"]), reference["logits"], rtol=0, atol=1e-5
+    )
 
 
 def test_merged_folds_each_pair_exactly(exported):
@@ -92,9 +96,21 @@ def test_tool_refuses_an_existing_directory_and_writes_nothing(checkpoints, tmp_
     target = tmp_path / "hf"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
-    done = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), "--load",
-                           str(checkpoints("gpt_relu_dense")), "--save", str(target),
-                           "--format", "factored"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools/export_hf.py"),
+            "--load",
+            str(checkpoints("gpt_relu_dense")),
+            "--save",
+            str(target),
+            "--format",
+            "factored",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1 and f"{target} exists" in done.stderr
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary directory left

@@ -39,8 +39,10 @@ def install_slurm() -> Optional[str]:
     if not shutil.which("apt-get"):
         return "Slurm is not installed and there is no apt-get to install it with"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd, timeout in ((["apt-get", "update"], 300),
-                         (["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES], 600)):
+    for cmd, timeout in (
+        (["apt-get", "update"], 300),
+        (["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES], 600),
+    ):
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -84,20 +86,34 @@ class SlurmCluster:
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
-        self._run(["munged", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
-                   f"--pid-file={self._pid_files['munged']}",
-                   f"--seed-file={self.root / 'munge' / 'munged.seed'}",
-                   f"--log-file={self.root / 'log' / 'munged.log'}"])
+        self._run(
+            [
+                "munged",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={self._pid_files['munged']}",
+                f"--seed-file={self.root / 'munge' / 'munged.seed'}",
+                f"--log-file={self.root / 'log' / 'munged.log'}",
+            ]
+        )
         self._write_config()
         self._run(["slurmctld", "-f", str(self.conf)])
         self._run(["slurmd", "-f", str(self.conf)])
-        self.wait_for(lambda: self.node_state().startswith("IDLE"), timeout,
-                      what=f"node {self.node} to become idle")
+        self.wait_for(
+            lambda: self.node_state().startswith("IDLE"),
+            timeout,
+            what=f"node {self.node} to become idle",
+        )
 
     def stop(self) -> None:
         """Cancels every job, then ends slurmd, slurmctld and munged (by their pid files)."""
-        subprocess.run(["scancel", "--full", "--user", str(os.geteuid())], env=self.env,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            ["scancel", "--full", "--user", str(os.geteuid())],
+            env=self.env,
+            capture_output=True,
+            timeout=30,
+        )
         for name in ("slurmd", "slurmctld", "munged"):
             pid = self._pid(name)
             if pid is None:
@@ -115,63 +131,79 @@ class SlurmCluster:
     def _write_config(self) -> None:
         root, ctld_port, slurmd_port = self.root, free_port(), free_port()
         gpus = len(FAKE_GPUS)
-        self.conf.write_text("\n".join([
-            "ClusterName=lpatest",
-            "SlurmctldHost=localhost",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
-            f"SlurmctldPort={ctld_port}",
-            f"SlurmdPort={slurmd_port}",
-            f"StateSaveLocation={root / 'state'}",
-            f"SlurmdSpoolDir={root / 'spool'}",
-            f"SlurmctldPidFile={self._pid_files['slurmctld']}",
-            f"SlurmdPidFile={self._pid_files['slurmd']}",
-            f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
-            "SlurmctldDebug=info",
-            "SlurmdDebug=info",
-            # No cgroups in containers: track processes by parentage, bind nothing.
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
-            "SchedulerType=sched/backfill",
-            "JobRequeue=1",
-            "ReturnToService=2",
-            "MpiDefault=none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "JobCompType=jobcomp/none",
-            # Finished jobs stay visible to `scontrol show job` for the test's checks.
-            "MinJobAge=600",
-            "KillWait=30",
-            "GresTypes=gpu",
-            f"NodeName={self.node} NodeHostname={self.hostname} NodeAddr=127.0.0.1 "
-            f"CPUs={self.cpus} RealMemory={self.memory_mb} Gres=gpu:{gpus} State=UNKNOWN",
-            f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]))
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=lpatest",
+                    "SlurmctldHost=localhost",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={self.munge_socket}",
+                    f"SlurmctldPort={ctld_port}",
+                    f"SlurmdPort={slurmd_port}",
+                    f"StateSaveLocation={root / 'state'}",
+                    f"SlurmdSpoolDir={root / 'spool'}",
+                    f"SlurmctldPidFile={self._pid_files['slurmctld']}",
+                    f"SlurmdPidFile={self._pid_files['slurmd']}",
+                    f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
+                    f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
+                    "SlurmctldDebug=info",
+                    "SlurmdDebug=info",
+                    # No cgroups in containers: track processes by parentage, bind nothing.
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core",
+                    "SchedulerType=sched/backfill",
+                    "JobRequeue=1",
+                    "ReturnToService=2",
+                    "MpiDefault=none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobCompType=jobcomp/none",
+                    # Finished jobs stay visible to `scontrol show job` for the test's checks.
+                    "MinJobAge=600",
+                    "KillWait=30",
+                    "GresTypes=gpu",
+                    f"NodeName={self.node} NodeHostname={self.hostname} NodeAddr=127.0.0.1 "
+                    f"CPUs={self.cpus} RealMemory={self.memory_mb} Gres=gpu:{gpus} State=UNKNOWN",
+                    f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
         (root / "gres.conf").write_text(
-            "".join(f"NodeName={self.node} Name=gpu File={device}\n" for device in FAKE_GPUS))
+            "".join(f"NodeName={self.node} Name=gpu File={device}\n" for device in FAKE_GPUS)
+        )
 
     # ----- jobs ----------------------------------------------------------------------------------
-    def sbatch(self, script: Path, *options: str, env: Optional[dict] = None,
-               cwd: Optional[Path] = None) -> int:
+    def sbatch(
+        self, script: Path, *options: str, env: Optional[dict] = None, cwd: Optional[Path] = None
+    ) -> int:
         """Submits ``script`` (sbatch ``options``, extra environment, from ``cwd``); the job id."""
-        proc = subprocess.run(["sbatch", "--parsable", *options, str(script)],
-                              env={**self.env, **(env or {})}, cwd=cwd, capture_output=True,
-                              text=True, timeout=30)
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *options, str(script)],
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if proc.returncode != 0:
             raise AssertionError(f"sbatch failed: {proc.stderr}\n{self.logs()}")
         return int(proc.stdout.strip().split(";")[0])
 
     def job(self, job_id: int) -> dict:
         """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
-        proc = subprocess.run(["scontrol", "show", "job", "--oneliner", str(job_id)], env=self.env,
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["scontrol", "show", "job", "--oneliner", str(job_id)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         fields = {}
         for item in proc.stdout.split():
             key, _, value = item.partition("=")
@@ -179,30 +211,42 @@ class SlurmCluster:
         return fields
 
     def scontrol(self, *args: str) -> None:
-        proc = subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True,
-                              timeout=30)
+        proc = subprocess.run(
+            ["scontrol", *args], env=self.env, capture_output=True, text=True, timeout=30
+        )
         if proc.returncode != 0:
             raise AssertionError(f"scontrol {' '.join(args)} failed: {proc.stderr}")
 
     def scancel(self, *args: str) -> None:
-        subprocess.run(["scancel", *args], env=self.env, capture_output=True, timeout=30,
-                       check=True)
+        subprocess.run(
+            ["scancel", *args], env=self.env, capture_output=True, timeout=30, check=True
+        )
 
     def node_state(self) -> str:
         proc = subprocess.run(
             ["sinfo", "--noheader", "--Node", "--format=%T", "--nodes", self.node],
-            env=self.env, capture_output=True, text=True, timeout=30)
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return proc.stdout.strip().upper()
 
-    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str,
-                 details: Callable[[], str] = lambda: "") -> None:
+    def wait_for(
+        self,
+        condition: Callable[[], bool],
+        timeout: float,
+        what: str,
+        details: Callable[[], str] = lambda: "",
+    ) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if condition():
                 return
             time.sleep(1)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}\n"
-                             f"{self.logs()}")
+        raise AssertionError(
+            f"timed out after {timeout:.0f} s waiting for {what}\n{details()}\n{self.logs()}"
+        )
 
     def logs(self, lines: int = 25) -> str:
         parts = []
@@ -215,8 +259,10 @@ class SlurmCluster:
     def _run(self, cmd: list) -> None:
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
-            raise AssertionError(f"`{' '.join(cmd)}` failed ({proc.returncode}): "
-                                 f"{proc.stderr or proc.stdout}\n{self.logs()}")
+            raise AssertionError(
+                f"`{' '.join(cmd)}` failed ({proc.returncode}): "
+                f"{proc.stderr or proc.stdout}\n{self.logs()}"
+            )
 
     def _pid(self, name: str) -> Optional[int]:
         try:

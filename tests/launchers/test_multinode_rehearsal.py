@@ -21,15 +21,24 @@ CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 TIMEOUT = 300
 # "iteration 7/30 | loss 4.8517" (the rest of the line is timing), and the evaluation lines whole.
 LOSS_LINE = re.compile(
-    r"^(?:iteration\s+\d+/\s*\d+ \| loss [\d.]+|(?:validation|test) at iteration .*)", re.M)
+    r"^(?:iteration\s+\d+/\s*\d+ \| loss [\d.]+|(?:validation|test) at iteration .*)", re.M
+)
 
 
 def _launch(out_dir: Path, name: str, torchrun_flags: list) -> tuple:
     """Starts one torchrun (a "node") training the tiny config; output to ``out_dir/name.log``."""
     log = out_dir / f"{name}.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_flags,
-           str(REPO / "pretrain_gpt.py"), "--config", str(CONFIG),
-           "--tensorboard-dir", str(out_dir / f"tb-{name}")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *torchrun_flags,
+        str(REPO / "pretrain_gpt.py"),
+        "--config",
+        str(CONFIG),
+        "--tensorboard-dir",
+        str(out_dir / f"tb-{name}"),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     with open(log, "w") as handle:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
@@ -40,8 +49,9 @@ def _finish(procs: list) -> None:
     try:
         for proc, log in procs:
             if proc.wait(timeout=TIMEOUT) != 0:
-                raise AssertionError(f"{log.name} failed (exit {proc.returncode}):\n"
-                                     + log.read_text()[-4000:])
+                raise AssertionError(
+                    f"{log.name} failed (exit {proc.returncode}):\n" + log.read_text()[-4000:]
+                )
     finally:
         for proc, _ in procs:
             if proc.poll() is None:
@@ -72,9 +82,26 @@ def test_two_nodes_match_one_node(tmp_path):
     # The reference and the two "nodes" run at the same time: the machine has spare waiting time.
     procs = [_launch(tmp_path, "one_node", ["--standalone", "--nproc-per-node", "2"])]
     for rank in (0, 1):
-        procs.append(_launch(tmp_path, f"node{rank}", [
-            "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "rehearsal"]))
+        procs.append(
+            _launch(
+                tmp_path,
+                f"node{rank}",
+                [
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    str(rank),
+                    "--nproc-per-node",
+                    "1",
+                    "--rdzv-backend",
+                    "c10d",
+                    "--rdzv-endpoint",
+                    endpoint,
+                    "--rdzv-id",
+                    "rehearsal",
+                ],
+            )
+        )
     _finish(procs)
 
     one_node = _losses([tmp_path / "one_node.log"])

@@ -46,8 +46,7 @@ def cluster(tmp_path_factory):
 def submit(cluster: SlurmCluster, script: str, *sbatch_options: str, **settings: str) -> int:
     """sbatch ``examples/slurm/<script>`` as a user would: from the checkout (which the scripts
     take as MEGATRON_LPA), settings in the environment."""
-    env = {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           **settings}
+    env = {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **settings}
     return cluster.sbatch(SLURM / script, *sbatch_options, env=env, cwd=REPO)
 
 
@@ -56,8 +55,12 @@ def training_settings(runs: Path, run_name: str, **more: str) -> dict:
 
 
 def wait_until_final(cluster: SlurmCluster, job: int, timeout: float, out: Path) -> dict:
-    cluster.wait_for(lambda: cluster.job(job).get("JobState") in FINAL_STATES, timeout,
-                     what=f"job {job} to end", details=lambda: _tail(out))
+    cluster.wait_for(
+        lambda: cluster.job(job).get("JobState") in FINAL_STATES,
+        timeout,
+        what=f"job {job} to end",
+        details=lambda: _tail(out),
+    )
     return cluster.job(job)
 
 
@@ -72,22 +75,35 @@ def test_preprocess_array_then_merge(cluster, tmp_path):
     shards.mkdir()
     documents = []
     for shard in range(2):
-        docs = [{"text": " ".join(str((7 * shard + i * d) % 50) for i in range(10 + d))}
-                for d in range(1, 6)]
+        docs = [
+            {"text": " ".join(str((7 * shard + i * d) % 50) for i in range(10 + d))}
+            for d in range(1, 6)
+        ]
         documents += docs
         (shards / f"{shard:02d}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     out = tmp_path / "out"
     logs = tmp_path / "logs"
     logs.mkdir()
-    job = submit(cluster, "preprocess_pile.sbatch", "--array=0-1", "--cpus-per-task=1",
-                 "--mem=1000M", f"--output={logs}/slurm-%x-%A_%a.out",
-                 PILE_DIR=str(shards), SHARD_NAME="%02d.jsonl", OUTPUT_DIR=str(out),
-                 TOKENIZER_ARGS="--tokenizer-type NullTokenizer --vocab-size 64", WORKERS="1")
+    job = submit(
+        cluster,
+        "preprocess_pile.sbatch",
+        "--array=0-1",
+        "--cpus-per-task=1",
+        "--mem=1000M",
+        f"--output={logs}/slurm-%x-%A_%a.out",
+        PILE_DIR=str(shards),
+        SHARD_NAME="%02d.jsonl",
+        OUTPUT_DIR=str(out),
+        TOKENIZER_ARGS="--tokenizer-type NullTokenizer --vocab-size 64",
+        WORKERS="1",
+    )
     # The merge job logs next to the array's tasks (slurm-<name>-merge-<id>.out).
-    cluster.wait_for(lambda: any("Done: train with" in p.read_text()
-                                 for p in logs.glob("slurm-*-merge-*.out")),
-                     timeout=120, what=f"array job {job} and its merge job",
-                     details=lambda: "\n".join(_tail(p) for p in sorted(logs.glob("*.out"))))
+    cluster.wait_for(
+        lambda: any("Done: train with" in p.read_text() for p in logs.glob("slurm-*-merge-*.out")),
+        timeout=120,
+        what=f"array job {job} and its merge job",
+        details=lambda: "\n".join(_tail(p) for p in sorted(logs.glob("*.out"))),
+    )
     reader = IndexedDatasetReader(str(out / "pile_text_document"))
     assert reader.num_documents == len(documents)
     # Shard 00's documents first, then shard 01's, each ending with <eod> (--append-eod).
@@ -98,15 +114,24 @@ def test_preprocess_array_then_merge(cluster, tmp_path):
 
 def test_train_evaluate_save(cluster, tmp_path):
     out = tmp_path / "slurm.out"
-    job = submit(cluster, "train_1node.sbatch", "--gpus-per-node=2", "--time=10",
-                 f"--output={out}", **training_settings(tmp_path, "full"))
+    job = submit(
+        cluster,
+        "train_1node.sbatch",
+        "--gpus-per-node=2",
+        "--time=10",
+        f"--output={out}",
+        **training_settings(tmp_path, "full"),
+    )
     state = wait_until_final(cluster, job, timeout=240, out=out)
     log = tmp_path / "full" / "logs" / f"job-{job}-start-0.log"
     assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), _tail(out) + _tail(log)
     text = log.read_text()
     assert ITERATION.findall(text) == [str(i) for i in range(1, 31)]
-    for evaluation in ("validation at iteration 10:", "validation at iteration 30:",
-                       "test at iteration 30:"):
+    for evaluation in (
+        "validation at iteration 10:",
+        "validation at iteration 30:",
+        "test at iteration 30:",
+    ):
         assert evaluation in text
     checkpoints = tmp_path / "full" / "checkpoints"
     assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
@@ -118,14 +143,30 @@ def test_train_evaluate_save(cluster, tmp_path):
 def test_time_limit_saves_requeues_and_resumes(cluster, tmp_path):
     out = tmp_path / "slurm.out"
     # Never finishes on its own and saves only when told: every checkpoint comes from a warning.
-    settings = training_settings(tmp_path, "requeue", MAX_RESTARTS="1",
-                                 EXTRA_ARGS="--train-iters 1000000 --eval-interval 1000000")
+    settings = training_settings(
+        tmp_path,
+        "requeue",
+        MAX_RESTARTS="1",
+        EXTRA_ARGS="--train-iters 1000000 --eval-interval 1000000",
+    )
     # Slurm sends the warning at its first check (every 30 s) within 30 s of the time asked for:
     # 40 to 70 s after the start, once the trainers are training (~25 s to start here).
-    job = submit(cluster, "train_multinode.sbatch", "--nodes=1", "--gpus-per-node=2",
-                 "--time=2", "--signal=B:USR1@50", f"--output={out}", **settings)
-    cluster.wait_for(lambda: int(cluster.job(job).get("Restarts", 0)) >= 1, timeout=150,
-                     what=f"job {job} to requeue itself", details=lambda: _tail(out))
+    job = submit(
+        cluster,
+        "train_multinode.sbatch",
+        "--nodes=1",
+        "--gpus-per-node=2",
+        "--time=2",
+        "--signal=B:USR1@50",
+        f"--output={out}",
+        **settings,
+    )
+    cluster.wait_for(
+        lambda: int(cluster.job(job).get("Restarts", 0)) >= 1,
+        timeout=150,
+        what=f"job {job} to requeue itself",
+        details=lambda: _tail(out),
+    )
     first = (tmp_path / "requeue" / "logs" / f"job-{job}-start-0.log").read_text()
     checkpoints = tmp_path / "requeue" / "checkpoints"
     pointer = checkpoints / "latest_checkpointed_iteration.txt"
@@ -137,8 +178,11 @@ def test_time_limit_saves_requeues_and_resumes(cluster, tmp_path):
     # A requeued job waits ~2 minutes before Slurm starts it again; start it sooner. Not at once:
     # slurmd refuses ("credential revoked") a job whose new credential dates from the second its
     # previous one was revoked in, failing the job.
-    cluster.wait_for(lambda: cluster.node_state().startswith("IDLE"), timeout=60,
-                     what="the node to be idle after the requeue")
+    cluster.wait_for(
+        lambda: cluster.node_state().startswith("IDLE"),
+        timeout=60,
+        what="the node to be idle after the requeue",
+    )
     time.sleep(3)
     cluster.scontrol("update", f"JobId={job}", "StartTime=now")
     state = wait_until_final(cluster, job, timeout=180, out=out)

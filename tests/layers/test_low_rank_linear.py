@@ -5,8 +5,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
@@ -19,8 +17,14 @@ D, R, SEQ, BATCH = 48, 8, 5, 3
 
 
 def config(**overrides):
-    base = dict(num_layers=2, hidden_size=D, num_attention_heads=6, num_query_groups=2,
-                use_cpu_initialization=True, params_dtype=torch.float32)
+    base = dict(
+        num_layers=2,
+        hidden_size=D,
+        num_attention_heads=6,
+        num_query_groups=2,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+    )
     return TransformerConfig(**{**base, **overrides})
 
 
@@ -50,6 +54,8 @@ def assert_same_forward_backward(layer, reference_fn, reference_params, x):
     expected.backward(grad)
     torch.testing.assert_close(x_layer.grad, x_ref.grad)
     for mine, theirs in reference_params:
+        # assert_close(None, None) passes: a factor cut off from the graph on both sides would.
+        assert mine.grad is not None and theirs.grad is not None
         torch.testing.assert_close(mine.grad, theirs.grad)
 
 
@@ -58,48 +64,59 @@ def test_qkv_column_is_three_independent_pairs_in_megatron_layout(model_parallel
     heads, groups, hn = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
     q_out, kv_out = heads * hn, groups * hn
     layer = LowRankColumnParallelLinear(
-        D, q_out + 2 * kv_out, config=cfg, init_method=cfg.init_method, lpa_rank=R,
-        projections="qkv", bias=True)
+        D,
+        q_out + 2 * kv_out,
+        config=cfg,
+        init_method=cfg.init_method,
+        lpa_rank=R,
+        projections="qkv",
+        bias=True,
+    )
     # The bias is A's: r wide per projection, not the full output width.
     assert layer.down_bias.shape == (3 * R,)
-    assert [n for n, _ in layer.named_parameters()] == ["down_weight", "up_weight_q",
-                                                        "up_weight_k", "up_weight_v", "down_bias"]
+    assert [n for n, _ in layer.named_parameters()] == [
+        "down_weight",
+        "up_weight_q",
+        "up_weight_k",
+        "up_weight_v",
+        "down_bias",
+    ]
     with torch.no_grad():
         layer.down_bias.normal_()
     a, c = layer.down_weight.detach(), layer.down_bias.detach()
-    q, k, v = (pair(a[i * R:(i + 1) * R], up.detach(), c[i * R:(i + 1) * R])
-               for i, up in enumerate(layer.up_weights()))
+    q, k, v = (
+        pair(a[i * R : (i + 1) * R], up.detach(), c[i * R : (i + 1) * R])
+        for i, up in enumerate(layer.up_weights())
+    )
 
     def reference(x):
         # megatron's fused layout: per query group g, [q heads of g, k_g, v_g].
-        parts = [q(x).view(SEQ, BATCH, groups, -1), k(x).view(SEQ, BATCH, groups, -1),
-                 v(x).view(SEQ, BATCH, groups, -1)]
+        parts = [
+            q(x).view(SEQ, BATCH, groups, -1),
+            k(x).view(SEQ, BATCH, groups, -1),
+            v(x).view(SEQ, BATCH, groups, -1),
+        ]
         return torch.cat(parts, dim=-1).view(SEQ, BATCH, -1)
 
     x = torch.randn(SEQ, BATCH, D)
     out, bias = layer(x)
     assert bias is None
-    assert_same_forward_backward(layer, reference, [], x)
-    # Weight gradients: A's rows and bias per projection, and each B.
-    layer.zero_grad()
-    x_ref = x.clone()
-    out, _ = layer(x)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    for module in (q, k, v):
-        module.zero_grad()
-    reference(x_ref).backward(grad)
-    torch.testing.assert_close(layer.down_weight.grad,
-                               torch.cat([m[0].weight.grad for m in (q, k, v)]))
+    # Weight gradients: each B against its pair's second linear, A's rows and bias per projection.
+    factors = [(up, module[1].weight) for up, module in zip(layer.up_weights(), (q, k, v))]
+    assert_same_forward_backward(layer, reference, factors, x)
+    torch.testing.assert_close(
+        layer.down_weight.grad, torch.cat([m[0].weight.grad for m in (q, k, v)])
+    )
     torch.testing.assert_close(layer.down_bias.grad, torch.cat([m[0].bias.grad for m in (q, k, v)]))
-    for up, module in zip(layer.up_weights(), (q, k, v)):
-        torch.testing.assert_close(up.grad, module[1].weight.grad)
 
 
 def test_split_qkv_output_is_the_fused_layout_before_interleaving(model_parallel):
     """What LowRankSelfAttention reads: q, k and v with their share of the bias, gradients too."""
     cfg = config(add_bias_linear=True)
-    q_out, kv_out = cfg.num_attention_heads * cfg.kv_channels, cfg.num_query_groups * cfg.kv_channels
+    q_out, kv_out = (
+        cfg.num_attention_heads * cfg.kv_channels,
+        cfg.num_query_groups * cfg.kv_channels,
+    )
     kwargs = dict(config=cfg, init_method=cfg.init_method, lpa_rank=R, projections="qkv", bias=True)
     fused = LowRankColumnParallelLinear(D, q_out + 2 * kv_out, **kwargs)
     split = LowRankColumnParallelLinear(D, q_out + 2 * kv_out, split_output=True, **kwargs)
@@ -115,8 +132,9 @@ def test_split_qkv_output_is_the_fused_layout_before_interleaving(model_parallel
     torch.testing.assert_close(out, expected.view(SEQ, BATCH, -1))
     grad = torch.randn_like(out)
     out.backward(grad)
-    grads = grad.view(SEQ, BATCH, groups, -1).split([q_out // groups, kv_out // groups,
-                                                      kv_out // groups], dim=-1)
+    grads = grad.view(SEQ, BATCH, groups, -1).split(
+        [q_out // groups, kv_out // groups, kv_out // groups], dim=-1
+    )
     torch.autograd.backward([q, k, v], [g.reshape(SEQ, BATCH, -1) for g in grads])
     for mine, theirs in zip(split.parameters(), fused.parameters()):
         torch.testing.assert_close(mine.grad, theirs.grad)
@@ -126,8 +144,15 @@ def test_gate_up_column_returns_megatron_glu_layout_with_the_bias_inside(model_p
     cfg = config(gated_linear_unit=True, add_bias_linear=True)
     ffn = 40
     layer = LowRankColumnParallelLinear(
-        D, 2 * ffn, config=cfg, init_method=cfg.init_method, lpa_rank=R, projections="gate_up",
-        bias=True, skip_bias_add=True)
+        D,
+        2 * ffn,
+        config=cfg,
+        init_method=cfg.init_method,
+        lpa_rank=R,
+        projections="gate_up",
+        bias=True,
+        skip_bias_add=True,
+    )
     with torch.no_grad():
         layer.down_bias.normal_()
     a, c = layer.down_weight.detach(), layer.down_bias.detach()
@@ -139,34 +164,61 @@ def test_gate_up_column_returns_megatron_glu_layout_with_the_bias_inside(model_p
     torch.testing.assert_close(out, torch.cat([gate(x), up(x)], dim=-1))
     layer.zero_grad()
     assert_same_forward_backward(
-        layer, lambda t: torch.cat([gate(t), up(t)], dim=-1),
-        [(layer.up_weight_gate, gate[1].weight), (layer.up_weight_up, up[1].weight)], x)
-    torch.testing.assert_close(layer.down_weight.grad,
-                               torch.cat([gate[0].weight.grad, up[0].weight.grad]))
-    torch.testing.assert_close(layer.down_bias.grad, torch.cat([gate[0].bias.grad, up[0].bias.grad]))
+        layer,
+        lambda t: torch.cat([gate(t), up(t)], dim=-1),
+        [(layer.up_weight_gate, gate[1].weight), (layer.up_weight_up, up[1].weight)],
+        x,
+    )
+    torch.testing.assert_close(
+        layer.down_weight.grad, torch.cat([gate[0].weight.grad, up[0].weight.grad])
+    )
+    torch.testing.assert_close(
+        layer.down_bias.grad, torch.cat([gate[0].bias.grad, up[0].bias.grad])
+    )
 
 
 def test_row_is_one_pair_with_bias(model_parallel):
     cfg = config(add_bias_linear=True)
     layer = LowRankRowParallelLinear(
-        D, 32, config=cfg, init_method=cfg.init_method, lpa_rank=R, bias=True,
-        input_is_parallel=True, skip_bias_add=False)
+        D,
+        32,
+        config=cfg,
+        init_method=cfg.init_method,
+        lpa_rank=R,
+        bias=True,
+        input_is_parallel=True,
+        skip_bias_add=False,
+    )
     with torch.no_grad():
         layer.bias.normal_()
-    reference = pair(layer.down_weight.detach(), layer.up_weight.detach(),
-                     up_bias=layer.bias.detach())
+    reference = pair(
+        layer.down_weight.detach(), layer.up_weight.detach(), up_bias=layer.bias.detach()
+    )
     x = torch.randn(SEQ, BATCH, D)
     assert_same_forward_backward(
-        layer, reference, [(layer.down_weight, reference[0].weight),
-                           (layer.up_weight, reference[1].weight), (layer.bias, reference[1].bias)],
-        x)
+        layer,
+        reference,
+        [
+            (layer.down_weight, reference[0].weight),
+            (layer.up_weight, reference[1].weight),
+            (layer.bias, reference[1].bias),
+        ],
+        x,
+    )
 
 
 def test_linear_init_matches_nn_linear_bounds(model_parallel):
     cfg = config()
     layer = LowRankRowParallelLinear(
-        D, 64, config=cfg, init_method=cfg.init_method, lpa_rank=R, bias=False,
-        input_is_parallel=True, skip_bias_add=True)
+        D,
+        64,
+        config=cfg,
+        init_method=cfg.init_method,
+        lpa_rank=R,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=True,
+    )
     assert layer.down_weight.abs().max() <= 1 / math.sqrt(D)
     assert layer.down_weight.abs().max() > 0.9 / math.sqrt(D)
     assert layer.up_weight.abs().max() <= 1 / math.sqrt(R)
@@ -178,8 +230,16 @@ def test_variance_init_gives_product_the_dense_variance(model_parallel):
     cfg = config(hidden_size=512, num_attention_heads=8, num_query_groups=8)
     torch.manual_seed(0)
     layer = LowRankRowParallelLinear(
-        512, 512, config=cfg, init_method=init_method_normal(sigma), lpa_rank=64, bias=False,
-        input_is_parallel=True, skip_bias_add=True, lpa_init="variance")
+        512,
+        512,
+        config=cfg,
+        init_method=init_method_normal(sigma),
+        lpa_rank=64,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=True,
+        lpa_init="variance",
+    )
     product = layer.up_weight @ layer.down_weight
     assert product.std().item() == pytest.approx(sigma, rel=0.05)
 
@@ -188,26 +248,50 @@ def test_variance_init_gives_product_the_dense_variance(model_parallel):
 def test_bad_rank_is_a_clear_error(model_parallel, rank, message):
     cfg = config()
     with pytest.raises(ValueError, match=message):
-        LowRankRowParallelLinear(D, D, config=cfg, init_method=cfg.init_method, lpa_rank=rank,
-                                 bias=False, input_is_parallel=True, skip_bias_add=True)
+        LowRankRowParallelLinear(
+            D,
+            D,
+            config=cfg,
+            init_method=cfg.init_method,
+            lpa_rank=rank,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
 
 
 def test_rank_that_saves_nothing_warns(model_parallel):
     cfg = config()
     with pytest.warns(UserWarning, match="at least as many parameters"):
-        LowRankRowParallelLinear(D, D, config=cfg, init_method=cfg.init_method, lpa_rank=D // 2,
-                                 bias=False, input_is_parallel=True, skip_bias_add=True)
+        LowRankRowParallelLinear(
+            D,
+            D,
+            config=cfg,
+            init_method=cfg.init_method,
+            lpa_rank=D // 2,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        LowRankRowParallelLinear(D, D, config=cfg, init_method=cfg.init_method,
-                                 lpa_rank=D // 2 - 1, bias=False, input_is_parallel=True,
-                                 skip_bias_add=True)
+        LowRankRowParallelLinear(
+            D,
+            D,
+            config=cfg,
+            init_method=cfg.init_method,
+            lpa_rank=D // 2 - 1,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
     assert not [w for w in caught if "at least as many" in str(w.message)]
 
 
-@pytest.mark.parametrize("slot", ["qkv", "row"])
-def test_gradient_accumulation_fusion_adds_factor_grads_into_main_grad(model_parallel, monkeypatch,
-                                                                       slot):
+@pytest.mark.parametrize("slot", ["qkv", "gate_up", "row"])
+def test_gradient_accumulation_fusion_adds_factor_grads_into_main_grad(
+    model_parallel, monkeypatch, slot
+):
     """megatron's accumulation fusion (GPU runs): each factor's gradient is added to its fp32
     ``main_grad`` in the backward (no ``.grad``), equal to the unfused layer's gradient."""
     from megatron.core.tensor_parallel import layers
@@ -220,8 +304,13 @@ def test_gradient_accumulation_fusion_adds_factor_grads_into_main_grad(model_par
         cfg = config(add_bias_linear=True, gradient_accumulation_fusion=fusion)
         kwargs = dict(config=cfg, init_method=cfg.init_method, lpa_rank=R, bias=True)
         if slot == "row":
-            return LowRankRowParallelLinear(D, 32, input_is_parallel=True, skip_bias_add=False,
-                                            **kwargs)
+            return LowRankRowParallelLinear(
+                D, 32, input_is_parallel=True, skip_bias_add=False, **kwargs
+            )
+        if slot == "gate_up":
+            return LowRankColumnParallelLinear(
+                D, 2 * 40, projections="gate_up", skip_bias_add=True, **kwargs
+            )
         out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels
         return LowRankColumnParallelLinear(D, out, projections="qkv", split_output=True, **kwargs)
 

@@ -7,20 +7,17 @@ tensor under its model-wide name, and rank 0 saves ``{config: {"state": ..., "lo
 """
 
 import argparse
-import dataclasses
 
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_lpa.config.command_line import parse_args
+from megatron_lpa.config.model_config import lpa_config, padded_vocab_size
 from megatron_lpa.models.builder import build_model
 from megatron_lpa.models.pytorch_init import global_names
-from megatron_lpa.platform.distributed import (destroy_distributed, initialize_distributed,
-                                                set_seed)
-from megatron_lpa.training.arguments import parse_args
-from megatron_lpa.training.trainer import model_config, padded_vocab_size
+from megatron_lpa.platform.distributed import destroy_distributed, initialize_distributed, set_seed
 
 
 def fixed_tokens(vocab: int, batch: int, seq: int) -> torch.Tensor:
@@ -29,11 +26,13 @@ def fixed_tokens(vocab: int, batch: int, seq: int) -> torch.Tensor:
 
 def our_model(argv: list):
     """(model, TrainingConfig) of ``argv`` at this process's layout, fp32 whatever the file says."""
-    cfg = dataclasses.replace(parse_args(argv), bf16=False, fp16=False)
-    set_seed(cfg.seed)
-    model = build_model(model_config(cfg, padded_vocab_size(cfg.vocab_size, cfg)),
-                        pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage())
+    cfg = parse_args(argv).replace(bf16=False, fp16=False)
+    set_seed(cfg.run.seed)
+    model = build_model(
+        lpa_config(cfg, padded_vocab_size(cfg.data.vocab_size, cfg)),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
     return model, cfg
 
 
@@ -58,8 +57,8 @@ def full_state(model) -> dict:
 
 def logits_of(model, cfg) -> torch.Tensor:
     """Logits ``[b, s, vocab]`` of the fixed tokens (every rank gets the last stage's)."""
-    tokens = fixed_tokens(cfg.vocab_size, cfg.micro_batch_size, cfg.seq_length)
-    positions = torch.arange(cfg.seq_length).expand_as(tokens)
+    tokens = fixed_tokens(cfg.data.vocab_size, cfg.schedule.micro_batch_size, cfg.model.seq_length)
+    positions = torch.arange(cfg.model.seq_length).expand_as(tokens)
 
     def forward_step(iterator, chunk):
         batch = next(iterator)
@@ -73,16 +72,23 @@ def logits_of(model, cfg) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model],
-            num_microbatches=1, seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
-            forward_only=True, collect_non_loss_data=True)
+            forward_step_func=forward_step,
+            data_iterator=iter([tokens]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.schedule.micro_batch_size,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
     logits = None
     if parallel_state.is_pipeline_last_stage():
         local = outputs[0]  # [b, s, vocab/t]
         tp = parallel_state.get_tensor_model_parallel_world_size()
         shards = [torch.empty_like(local) for _ in range(tp)]
-        dist.all_gather(shards, local.contiguous(),
-                        group=parallel_state.get_tensor_model_parallel_group())
+        dist.all_gather(
+            shards, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group()
+        )
         logits = torch.cat(shards, dim=-1)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, logits)
@@ -93,8 +99,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", nargs="+", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--layout", nargs=argparse.REMAINDER, default=[],
-                        help="layout flags, then any flags for every config")
+    parser.add_argument(
+        "--layout",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="layout flags, then any flags for every config",
+    )
     args = parser.parse_args()
     results = {}
     for spec in args.configs:
@@ -103,7 +113,9 @@ def main():
         if rank:
             argv += ["--lpa-attn-rank", rank]
         flags = parse_args(argv)
-        initialize_distributed(flags.tensor_model_parallel_size, flags.pipeline_model_parallel_size)
+        initialize_distributed(
+            flags.parallel.tensor_model_parallel_size, flags.parallel.pipeline_model_parallel_size
+        )
         model, cfg = our_model(argv)
         results[spec] = {"state": full_state(model), "logits": logits_of(model, cfg)}
         destroy_distributed(keep_process_group=True)

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 EMBEDDING_MODULES = (nn.Embedding,)
 
 
@@ -43,12 +42,15 @@ class PaperShape:
 
 
 def projection(d_in: int, d_out: int, rank: int, bias: bool, bias_first: bool) -> nn.Module:
-    """``nn.Linear(d_in, d_out)``, or for ``rank > 0`` the pair ``Linear(d_in, r)``, ``Linear(r, d_out)``
+    """``nn.Linear(d_in, d_out)``, or for ``rank > 0`` the pair ``Linear(d_in, r)``, ``Linear(r,
+    d_out)``
     with the bias (if any) on the first factor (``bias_first``) or the second."""
     if rank == 0:
         return nn.Linear(d_in, d_out, bias=bias)
-    return nn.Sequential(nn.Linear(d_in, rank, bias=bias and bias_first),
-                         nn.Linear(rank, d_out, bias=bias and not bias_first))
+    return nn.Sequential(
+        nn.Linear(d_in, rank, bias=bias and bias_first),
+        nn.Linear(rank, d_out, bias=bias and not bias_first),
+    )
 
 
 class RMSNorm(nn.Module):
@@ -61,12 +63,13 @@ class RMSNorm(nn.Module):
 
 
 def rotate(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """RoPE on ``[b, h, s, hd]``: channel ``i`` pairs with ``i + hd/2``, angle ``pos / base^(2i/hd)``."""
+    """RoPE on ``[b, h, s, hd]``: channel ``i`` pairs with ``i + hd/2``, angle
+    ``pos / base^(2i/hd)``."""
     hd, seq = x.shape[-1], x.shape[-2]
     inv_freq = 1.0 / base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
     angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    first, second = x[..., : hd // 2], x[..., hd // 2:]
+    first, second = x[..., : hd // 2], x[..., hd // 2 :]
     return x * angles.cos() + torch.cat([-second, first], dim=-1) * angles.sin()
 
 
@@ -74,15 +77,17 @@ class Attention(nn.Module):
     def __init__(self, s: PaperShape):
         super().__init__()
         bias, width = s.setting == 1, s.heads * s.head_dim
-        self.q, self.k, self.v = (projection(s.hidden, width, s.attn_rank, bias, True)
-                                  for _ in range(3))
+        self.q, self.k, self.v = (
+            projection(s.hidden, width, s.attn_rank, bias, True) for _ in range(3)
+        )
         self.o = projection(width, s.hidden, s.attn_rank, bias, False)
         self.heads, self.rope = s.heads, s.setting == 2
 
     def forward(self, x):
         b, t, _ = x.shape
-        q, k, v = (proj(x).view(b, t, self.heads, -1).transpose(1, 2)
-                   for proj in (self.q, self.k, self.v))
+        q, k, v = (
+            proj(x).view(b, t, self.heads, -1).transpose(1, 2) for proj in (self.q, self.k, self.v)
+        )
         if self.rope:
             q, k = rotate(q), rotate(k)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
@@ -110,7 +115,11 @@ class Block(nn.Module):
     def __init__(self, s: PaperShape, dropout: float):
         super().__init__()
         self.setting = s.setting
-        norm = (lambda: nn.LayerNorm(s.hidden)) if s.setting == 1 else (lambda: RMSNorm(s.hidden, s.eps))
+        norm = (
+            (lambda: nn.LayerNorm(s.hidden))
+            if s.setting == 1
+            else (lambda: RMSNorm(s.hidden, s.eps))
+        )
         self.attn, self.ffn = Attention(s), FFN(s)
         self.norm1, self.norm2 = norm(), norm()
         self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
@@ -190,8 +199,11 @@ def load_ours(ref: PaperModel, ours: dict) -> None:
         p = f"decoder.layers.{i}"
         proj = f"{p}.self_attention.linear_proj" + (".linear" if out_norm else "")
         fc2 = f"{p}.mlp.linear_fc2" + (".linear" if out_norm else "")
-        norms = ((f"{p}.self_attention.linear_proj.norm", f"{p}.mlp.linear_fc2.norm") if out_norm
-                 else (f"{p}.input_layernorm", f"{p}.pre_mlp_layernorm"))
+        norms = (
+            (f"{p}.self_attention.linear_proj.norm", f"{p}.mlp.linear_fc2.norm")
+            if out_norm
+            else (f"{p}.input_layernorm", f"{p}.pre_mlp_layernorm")
+        )
         for norm, key in zip((block.norm1, block.norm2), norms):
             put(norm.weight, f"{key}.weight")
             if getattr(norm, "bias", None) is not None:
@@ -213,7 +225,9 @@ def _load_qkv(attn: Attention, prefix: str, s: PaperShape, take) -> None:
     """megatron's fused Q/K/V (per head: [q, k, v], multi-head attention) or our three pairs."""
     if s.attn_rank == 0:
         weight = take(f"{prefix}.weight").view(s.heads, 3, s.head_dim, s.hidden)
-        bias = take(f"{prefix}.bias").view(s.heads, 3, s.head_dim) if attn.q.bias is not None else None
+        bias = (
+            take(f"{prefix}.bias").view(s.heads, 3, s.head_dim) if attn.q.bias is not None else None
+        )
         for j, proj in enumerate((attn.q, attn.k, attn.v)):
             _copy(proj.weight, weight[:, j].reshape(-1, s.hidden), f"{prefix}.weight[{j}]")
             if bias is not None:
@@ -223,9 +237,9 @@ def _load_qkv(attn: Attention, prefix: str, s: PaperShape, take) -> None:
     down = take(f"{prefix}.down_weight")
     down_bias = take(f"{prefix}.down_bias") if attn.q[0].bias is not None else None
     for j, (name, proj) in enumerate(zip("qkv", (attn.q, attn.k, attn.v))):
-        _copy(proj[0].weight, down[j * r:(j + 1) * r], f"{prefix}.down_weight[{name}]")
+        _copy(proj[0].weight, down[j * r : (j + 1) * r], f"{prefix}.down_weight[{name}]")
         if down_bias is not None:
-            _copy(proj[0].bias, down_bias[j * r:(j + 1) * r], f"{prefix}.down_bias[{name}]")
+            _copy(proj[0].bias, down_bias[j * r : (j + 1) * r], f"{prefix}.down_bias[{name}]")
         _copy(proj[1].weight, take(f"{prefix}.up_weight_{name}"), f"{prefix}.up_weight_{name}")
 
 
@@ -245,8 +259,8 @@ def _load_fc1(ffn: FFN, prefix: str, s: PaperShape, take) -> None:
     down = take(f"{prefix}.down_weight")
     down_bias = take(f"{prefix}.down_bias") if parts[0][0].bias is not None else None
     for j, (name, proj) in enumerate(zip(names, parts)):
-        _copy(proj[0].weight, down[j * r:(j + 1) * r], f"{prefix}.down_weight[{j}]")
+        _copy(proj[0].weight, down[j * r : (j + 1) * r], f"{prefix}.down_weight[{j}]")
         if down_bias is not None:
-            _copy(proj[0].bias, down_bias[j * r:(j + 1) * r], f"{prefix}.down_bias[{j}]")
+            _copy(proj[0].bias, down_bias[j * r : (j + 1) * r], f"{prefix}.down_bias[{j}]")
         key = f"{prefix}.up_weight_{name}" if name else f"{prefix}.up_weight"
         _copy(proj[1].weight, take(key), key)

@@ -5,9 +5,17 @@ import torch
 from megatron_lpa.models.bytes_moved import CARDS, Kernel, layer_bound_s, layer_kernels
 from megatron_lpa.models.lpa_config import LPAConfig
 
-SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=8, ffn_hidden_size=128,
-             vocab_size=128, max_sequence_length=16, use_cpu_initialization=True,
-             params_dtype=torch.float32, gated_linear_unit=True)
+SHAPE = dict(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=8,
+    ffn_hidden_size=128,
+    vocab_size=128,
+    max_sequence_length=16,
+    use_cpu_initialization=True,
+    params_dtype=torch.float32,
+    gated_linear_unit=True,
+)
 
 
 def _by_name(config, batch=2, seq=16):
@@ -45,13 +53,16 @@ def test_rope_is_counted_only_for_rotary_models():
 
 
 def test_unfused_low_rank_moves_more_bytes_than_dense_where_both_are_memory_bound():
-    """Both read x and write y; the pair adds the [tokens, r] round trip: why fusion is the lever."""
+    """Both read x and write y; the pair adds the [tokens, r] round trip: why fusion is the
+    lever."""
     dense = _by_name(LPAConfig(**SHAPE), batch=64)  # 1024 tokens: activations outweigh weights
     lpa = _by_name(LPAConfig(**SHAPE, lpa_attn_rank=4), batch=64)
     assert lpa["q.A fwd"].bytes + lpa["q.B fwd"].bytes > dense["q fwd"].bytes
     peak, bandwidth = CARDS["h100"]
-    assert (lpa["q.A fwd"].bound_s(peak, bandwidth) + lpa["q.B fwd"].bound_s(peak, bandwidth)
-            > dense["q fwd"].bound_s(peak, bandwidth))
+    assert lpa["q.A fwd"].bound_s(peak, bandwidth) + lpa["q.B fwd"].bound_s(
+        peak, bandwidth
+    ) > dense["q fwd"].bound_s(peak, bandwidth)
     for card in CARDS:
-        assert (layer_bound_s(LPAConfig(**SHAPE, lpa_attn_rank=4), 64, 16, card)
-                > layer_bound_s(LPAConfig(**SHAPE), 64, 16, card))
+        assert layer_bound_s(LPAConfig(**SHAPE, lpa_attn_rank=4), 64, 16, card) > layer_bound_s(
+            LPAConfig(**SHAPE), 64, 16, card
+        )

@@ -7,9 +7,17 @@ from megatron_lpa.models.lpa_config import LPAConfig
 
 
 def config(**overrides):
-    shape = dict(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=2048,
-                 vocab_size=32000, normalization="RMSNorm", gated_linear_unit=True,
-                 activation_func=F.silu, add_bias_linear=False)
+    shape = dict(
+        num_layers=12,
+        hidden_size=768,
+        num_attention_heads=12,
+        ffn_hidden_size=2048,
+        vocab_size=32000,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+    )
     return LPAConfig(**{**shape, **overrides})
 
 

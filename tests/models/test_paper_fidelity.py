@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_lpa.config.command_line import parse_args
+from megatron_lpa.config.model_config import lpa_config, padded_vocab_size
 from megatron_lpa.models.builder import build_model
-from megatron_lpa.training.arguments import parse_args
-from megatron_lpa.training.trainer import model_config, padded_vocab_size
 from tests.launch import torchrun
 from tests.models.paper_layout_worker import fixed_tokens
 from tests.models.paper_reference import EMBEDDING_MODULES, PaperModel, PaperShape, load_ours
@@ -23,10 +23,20 @@ PAPER_CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs" / "
 
 # The paper's scripts' shapes (scripts/lpa_train_setting{1,2}.sh), stated here, not read from the
 # YAML files they are checked against. Vocabulary: LLaMA-2's 32000 pieces.
-SETTING1 = PaperShape(setting=1, vocab=32000, hidden=1024, layers=24, heads=8, head_dim=128,
-                      ffn=4096, seq=1024)
-SETTING2 = PaperShape(setting=2, vocab=32000, hidden=768, layers=12, heads=12, head_dim=64,
-                      ffn=2048, seq=256, eps=1e-6)
+SETTING1 = PaperShape(
+    setting=1, vocab=32000, hidden=1024, layers=24, heads=8, head_dim=128, ffn=4096, seq=1024
+)
+SETTING2 = PaperShape(
+    setting=2,
+    vocab=32000,
+    hidden=768,
+    layers=12,
+    heads=12,
+    head_dim=64,
+    ffn=2048,
+    seq=256,
+    eps=1e-6,
+)
 PAPER = {
     "setting1_370m_dense": SETTING1,
     "setting1_370m_lpa": dataclasses.replace(SETTING1, attn_rank=320),
@@ -36,8 +46,12 @@ PAPER = {
     "setting2_130m_lowrank_all": dataclasses.replace(SETTING2, attn_rank=128, ffn_rank=384),
 }
 # What the paper's code prints as "Number of parameters" for these shapes at vocabulary 32000.
-PAPER_PARAMS = {"setting1_370m_dense": 368_925_952, "setting1_370m_lpa": 331_126_528,
-                "setting2_130m_dense": 134_137_856, "setting2_130m_lpa": 115_263_488}
+PAPER_PARAMS = {
+    "setting1_370m_dense": 368_925_952,
+    "setting1_370m_lpa": 331_126_528,
+    "setting2_130m_dense": 134_137_856,
+    "setting2_130m_lpa": 115_263_488,
+}
 # Small enough to run on a CPU: 2 layers, 64 tokens, a 512-piece vocabulary, full widths and ranks.
 SMALL = dict(layers=2, seq=64, vocab=512)
 
@@ -48,15 +62,26 @@ def _argv(name: str, *flags: str) -> list:
 
 def ours(name: str, *flags: str, initialize: bool = True):
     """Our model (TP=PP=1, fp32) as ``pretrain_gpt.py`` builds it from the config and ``flags``."""
-    cfg = dataclasses.replace(parse_args(_argv(name, *flags)), bf16=False)
-    config = dataclasses.replace(model_config(cfg, padded_vocab_size(cfg.vocab_size, cfg)),
-                                 perform_initialization=initialize)
+    cfg = parse_args(_argv(name, *flags)).replace(bf16=False)
+    config = dataclasses.replace(
+        lpa_config(cfg, padded_vocab_size(cfg.data.vocab_size, cfg)),
+        perform_initialization=initialize,
+    )
     return build_model(config)
 
 
 def small_flags(vocab=SMALL["vocab"], layers=SMALL["layers"], seq=SMALL["seq"]) -> list:
-    return ["--mock-data", "--vocab-size", str(vocab), "--num-layers", str(layers),
-            "--seq-length", str(seq), "--max-position-embeddings", str(seq)]
+    return [
+        "--mock-data",
+        "--vocab-size",
+        str(vocab),
+        "--num-layers",
+        str(layers),
+        "--seq-length",
+        str(seq),
+        "--max-position-embeddings",
+        str(seq),
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +126,7 @@ def test_dropout_sits_where_the_papers_does(model_parallel):
         def hook(module, args, kwargs, output=None):
             value = output if output is not None else (args or [kwargs["hidden_states"]])
             seen[key] = (value if torch.is_tensor(value) else value[0]).detach()
+
         return hook
 
     model.embedding.register_forward_hook(keep("embedding"), with_kwargs=True)
@@ -124,7 +150,7 @@ def _assert_pytorch_default(name: str, tensor: torch.Tensor, kind: str, bound: f
     if kind == "ones" or kind == "zeros":
         assert torch.equal(x, torch.full_like(x, 1.0 if kind == "ones" else 0.0)), name
         return
-    var = bound ** 2 / 3 if kind == "uniform" else 1.0  # U(+-bound) or N(0, 1)
+    var = bound**2 / 3 if kind == "uniform" else 1.0  # U(+-bound) or N(0, 1)
     # Relative standard error of the sample variance: sqrt(0.8/n) uniform, sqrt(2/n) normal.
     rel_se = (0.8 / n) ** 0.5 if kind == "uniform" else (2 / n) ** 0.5
     assert abs(x.var().item() / var - 1) < 6 * rel_se, (name, x.var().item(), var)
@@ -133,8 +159,9 @@ def _assert_pytorch_default(name: str, tensor: torch.Tensor, kind: str, bound: f
         assert x.abs().max().item() <= bound, name
 
 
-@pytest.mark.parametrize("name", ["setting1_370m_lpa", "setting2_130m_lowrank_all",
-                                  "setting1_370m_dense"])
+@pytest.mark.parametrize(
+    "name", ["setting1_370m_lpa", "setting2_130m_lowrank_all", "setting1_370m_dense"]
+)
 def test_every_tensor_starts_as_pytorch_initialises_it(model_parallel, name):
     """Judged by the role each tensor plays in the paper's model: an nn.Linear's weight and bias
     U(+-1/sqrt(in_features)), an embedding N(0, 1), a norm 1 and 0."""
@@ -145,30 +172,63 @@ def test_every_tensor_starts_as_pytorch_initialises_it(model_parallel, name):
         for pname, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{pname}"
             if isinstance(module, torch.nn.Linear):
-                _assert_pytorch_default(full, param, "uniform", module.in_features ** -0.5)
+                _assert_pytorch_default(full, param, "uniform", module.in_features**-0.5)
             elif isinstance(module, EMBEDDING_MODULES):
                 _assert_pytorch_default(full, param, "normal")
             else:  # norms
                 _assert_pytorch_default(full, param, "ones" if pname == "weight" else "zeros")
 
 
-LAYOUT_CONFIGS = ["setting1_370m_dense", "setting1_370m_lpa:8", "setting2_130m_dense",
-                  "setting2_130m_lpa:8"]
+LAYOUT_CONFIGS = [
+    "setting1_370m_dense",
+    "setting1_370m_lpa:8",
+    "setting2_130m_dense",
+    "setting2_130m_lpa:8",
+]
 # Four layers (two per pipeline stage), narrow enough for two CPU processes.
 LAYOUT_SHRINK = small_flags(vocab=256, layers=4, seq=32) + [
-    "--hidden-size", "64", "--num-attention-heads", "4", "--kv-channels", "16",
-    "--ffn-hidden-size", "128", "--micro-batch-size", "2", "--global-batch-size", "2"]
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--kv-channels",
+    "16",
+    "--ffn-hidden-size",
+    "128",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "2",
+]
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-                                    ["--pipeline-model-parallel-size", "2"]],
-                         ids=["tp2_sp", "pp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        ["--pipeline-model-parallel-size", "2"],
+    ],
+    ids=["tp2_sp", "pp2"],
+)
 def test_same_weights_and_paper_logits_at_tp2_sp_and_pp2(model_parallel, tmp_path, layout):
     out = tmp_path / "layout.pt"
-    configs = [str(PAPER_CONFIGS / f"{spec.split(':')[0]}.yaml") + spec[len(spec.split(':')[0]):]
-               for spec in LAYOUT_CONFIGS]
-    torchrun("models/paper_layout_worker.py", 2, "--out", out, "--configs", *configs,
-             "--layout", *layout, *LAYOUT_SHRINK, "--save", tmp_path / "unused")
+    configs = [
+        str(PAPER_CONFIGS / f"{spec.split(':')[0]}.yaml") + spec[len(spec.split(":")[0]) :]
+        for spec in LAYOUT_CONFIGS
+    ]
+    torchrun(
+        "models/paper_layout_worker.py",
+        2,
+        "--out",
+        out,
+        "--configs",
+        *configs,
+        "--layout",
+        *layout,
+        *LAYOUT_SHRINK,
+        "--save",
+        tmp_path / "unused",
+    )
     results = torch.load(out)
     for spec, (config_path, result) in zip(LAYOUT_CONFIGS, results.items()):
         name, _, rank = spec.partition(":")
@@ -179,8 +239,17 @@ def test_same_weights_and_paper_logits_at_tp2_sp_and_pp2(model_parallel, tmp_pat
         assert result["state"].keys() == expected_state.keys(), spec
         for key, tensor in expected_state.items():
             assert torch.equal(result["state"][key], tensor), (spec, key)
-        shape = dataclasses.replace(PAPER[name], vocab=256, layers=4, seq=32, hidden=64, heads=4,
-                                    head_dim=16, ffn=128, attn_rank=int(rank or 0))
+        shape = dataclasses.replace(
+            PAPER[name],
+            vocab=256,
+            layers=4,
+            seq=32,
+            hidden=64,
+            heads=4,
+            head_dim=16,
+            ffn=128,
+            attn_rank=int(rank or 0),
+        )
         ref = PaperModel(shape).eval()
         load_ours(ref, result["state"])
         tokens = fixed_tokens(256, 2, 32)

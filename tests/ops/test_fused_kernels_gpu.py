@@ -21,8 +21,10 @@ DTYPES = list(TOLERANCE)
 
 @pytest.fixture(autouse=True)
 def kernels():
-    assert HAVE_LPA_CUDA, ("megatron_lpa._C is not built: pip install --no-build-isolation -e . "
-                           "(or python setup.py build_ext --inplace)")
+    assert HAVE_LPA_CUDA, (
+        "megatron_lpa._C is not built: pip install --no-build-isolation -e . "
+        "(or python setup.py build_ext --inplace)"
+    )
     torch.seed()  # fresh random inputs every run
     return kernels_for(torch.empty(0, device="cuda"))
 
@@ -78,7 +80,9 @@ def test_fused_cross_entropy_equals_torch_on_the_full_vocabulary():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("heads,dim,rot", [(12, 64, 64), (24, 128, 64), (3, 20, 12)])  # last: scalar
+@pytest.mark.parametrize(
+    "heads,dim,rot", [(12, 64, 64), (24, 128, 64), (3, 20, 12)]
+)  # last: scalar
 def test_rope_on_a_strided_view_of_fused_qkv(kernels, dtype, interleaved, heads, dim, rot):
     seq, batch = 64, 45  # blocks of several samples, the last one partial
     # Megatron's query: a view of the fused [q, k, v] output, last dimension contiguous.
@@ -108,9 +112,15 @@ def test_swiglu(kernels, dtype, rows, f):
 
 # One 16-byte vector per thread (768; 6144 in 16-bit types) or four (6144 in fp32, 12288 in 16-bit
 # types; 12288 fp32 values are 3072 vectors, wider than the kernels take).
-@pytest.mark.parametrize("dtype,rows,n", [
-    (dtype, rows, n) for dtype in DTYPES for rows, n in ((4096, 768), (40, 6144), (9, 12288))
-    if (dtype, n) != (torch.float32, 12288)])
+@pytest.mark.parametrize(
+    "dtype,rows,n",
+    [
+        (dtype, rows, n)
+        for dtype in DTYPES
+        for rows, n in ((4096, 768), (40, 6144), (9, 12288))
+        if (dtype, n) != (torch.float32, 12288)
+    ],
+)
 def test_rms_norm(kernels, dtype, rows, n):
     x = (torch.randn(rows, n, device="cuda") * 3).to(dtype)
     weight = (1 + torch.randn(n, device="cuda") / 4).to(dtype)
@@ -123,8 +133,9 @@ def test_rms_norm(kernels, dtype, rows, n):
     assert_close(rstd, ref_rstd, 1e-5)
     poison_allocator(rows * n * 8)
     dx, dw = kernels.rms_norm_backward(grad, x, weight, rstd)
-    ref_dx, ref_dw = reference.rms_norm_backward(grad.double(), x.double(), weight.double(),
-                                                 ref_rstd)
+    ref_dx, ref_dw = reference.rms_norm_backward(
+        grad.double(), x.double(), weight.double(), ref_rstd
+    )
     assert_close(dx, ref_dx, TOLERANCE[dtype])
     assert_close(dw, ref_dw, TOLERANCE[dtype])
 
@@ -136,15 +147,16 @@ def test_rms_norm_op_runs_rows_the_kernels_cannot_hold_in_pytorch(case):
 
     n = {"odd width": 1001, "too wide": 20000, "unaligned view": 768}[case]
     storage = torch.randn(4 * n + 1, device="cuda", dtype=torch.bfloat16)
-    x = (storage[1:] if case == "unaligned view" else storage[:4 * n]).view(4, n)
+    x = (storage[1:] if case == "unaligned view" else storage[: 4 * n]).view(4, n)
     x.requires_grad_()
     weight = (1 + torch.randn(n, device="cuda") / 4).to(torch.bfloat16).requires_grad_()
     grad = torch.randn(4, n, device="cuda", dtype=torch.bfloat16)
     y = rms_norm(x, weight, 1e-5)
     dx, dw = torch.autograd.grad(y, (x, weight), grad)
     ref_y, ref_rstd = reference.rms_norm_forward(x.double(), weight.double(), 1e-5)
-    ref_dx, ref_dw = reference.rms_norm_backward(grad.double(), x.double(), weight.double(),
-                                                 ref_rstd)
+    ref_dx, ref_dw = reference.rms_norm_backward(
+        grad.double(), x.double(), weight.double(), ref_rstd
+    )
     for out, ref in ((y, ref_y), (dx, ref_dx), (dw, ref_dw)):
         assert_close(out, ref, TOLERANCE[torch.bfloat16])
 

@@ -1,5 +1,6 @@
 """The fused ops' PyTorch path (what CPUs and builds without the CUDA extension run) against the
-formulas it replaces, in float64; and the model with fused ops against megatron-core's unfused one."""
+formulas it replaces, in float64; and the model with fused ops against megatron-core's unfused
+one."""
 
 import json
 import os
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
 from megatron_lpa.ops import reference
@@ -39,8 +39,10 @@ def test_cross_entropy_stats_of_vocabulary_slices_combine_to_the_full_loss():
     """What the TP ranks compute: each slice's (max, sum exp, label logit), merged."""
     logits = torch.randn(11, 30, dtype=torch.float64)
     labels = torch.randint(0, 30, (11,))
-    slices = [reference.cross_entropy_stats(part, labels, start)
-              for part, start in zip(logits.split(10, dim=1), (0, 10, 20))]
+    slices = [
+        reference.cross_entropy_stats(part, labels, start)
+        for part, start in zip(logits.split(10, dim=1), (0, 10, 20))
+    ]
     global_max = torch.stack([s[0] for s in slices]).max(0).values
     sum_exp = sum(s[1] * torch.exp(s[0] - global_max) for s in slices)
     label_logit = sum(s[2] for s in slices)
@@ -108,17 +110,58 @@ def test_swiglu_matches_silu_gate_times_up():
 
 def _train_losses(tmp_path, name: str, *flags: str) -> list:
     log = tmp_path / f"{name}.jsonl"
-    model = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-             "--seq-length", "32", "--swiglu", "--normalization", "RMSNorm",
-             "--position-embedding-type", "rope", "--disable-bias-linear", "--lpa-attn-rank", "16",
-             "--untie-embeddings-and-output-weights"]
-    run = ["--mock-data", "--vocab-size", "128", "--micro-batch-size", "4",
-           "--global-batch-size", "8", "--lr", "3e-3", "--train-iters", "6", "--log-interval", "1",
-           "--eval-iters", "0", "--num-workers", "0", "--hidden-dropout", "0",
-           "--attention-dropout", "0", "--log-jsonl", str(log)]
+    model = [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--swiglu",
+        "--normalization",
+        "RMSNorm",
+        "--position-embedding-type",
+        "rope",
+        "--disable-bias-linear",
+        "--lpa-attn-rank",
+        "16",
+        "--untie-embeddings-and-output-weights",
+    ]
+    run = [
+        "--mock-data",
+        "--vocab-size",
+        "128",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--train-iters",
+        "6",
+        "--log-interval",
+        "1",
+        "--eval-iters",
+        "0",
+        "--num-workers",
+        "0",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--log-jsonl",
+        str(log),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(REPO / "pretrain_gpt.py"), *model, *run, *flags],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pretrain_gpt.py"), *model, *run, *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     return [(r["lm loss"], r["grad-norm"]) for r in records if r["split"] == "train"]
@@ -143,8 +186,13 @@ def test_gradient_accumulation_fusion_hands_megatron_our_wgrad_gemm(monkeypatch)
 
     monkeypatch.setattr(layers, "_grad_accum_fusion_available", False)
     monkeypatch.delattr(layers, "fused_weight_gradient_mlp_cuda", raising=False)
-    LPAConfig(num_layers=1, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
-              gradient_accumulation_fusion=True)
+    LPAConfig(
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=4,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=True,
+    )
     assert layers._grad_accum_fusion_available
     assert layers.fused_weight_gradient_mlp_cuda is wgrad_accumulation
 
@@ -169,15 +217,29 @@ def test_fused_kernels_switch_chooses_the_ops_the_model_runs(model_parallel, mon
     from megatron_lpa.models.lpa_config import LPAConfig
     from megatron_lpa.ops.swiglu import SwiGLU
 
-    config = LPAConfig(num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-                       gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-                       normalization="RMSNorm", vocab_size=128, max_sequence_length=16,
-                       lpa_attn_rank=8, use_cpu_initialization=True, fused_kernels=fused)
+    config = LPAConfig(
+        num_layers=1,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        vocab_size=128,
+        max_sequence_length=16,
+        lpa_attn_rank=8,
+        use_cpu_initialization=True,
+        fused_kernels=fused,
+    )
     model = build_model(config)
     assert config.apply_rope_fusion is fused
     assert isinstance(model.decoder.layers[0].mlp.activation_func, SwiGLU) is fused
-    norms = [model.decoder.layers[0].input_layernorm, model.decoder.layers[0].pre_mlp_layernorm,
-             model.decoder.final_layernorm]
+    norms = [
+        model.decoder.layers[0].input_layernorm,
+        model.decoder.layers[0].pre_mlp_layernorm,
+        model.decoder.final_layernorm,
+    ]
     assert all(isinstance(norm, FusedRMSNorm if fused else torch.nn.RMSNorm) for norm in norms)
     if fused:
         assert rope_utils.fused_apply_rotary_pos_emb is fused_apply_rotary_pos_emb
@@ -185,7 +247,8 @@ def test_fused_kernels_switch_chooses_the_ops_the_model_runs(model_parallel, mon
     labels = torch.randint(0, 128, (2, 4))
     calls = []
     original = reference.cross_entropy_stats
-    monkeypatch.setattr(reference, "cross_entropy_stats",
-                        lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(
+        reference, "cross_entropy_stats", lambda *args: calls.append(1) or original(*args)
+    )
     model.compute_language_model_loss(labels, logits)
     assert bool(calls) is fused

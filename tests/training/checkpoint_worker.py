@@ -24,19 +24,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_lpa.checkpointing import checkpoint, files
 from megatron_lpa.models.builder import build_model
 from megatron_lpa.models.lpa_config import LPAConfig
 from megatron_lpa.platform.distributed import destroy_distributed, initialize_distributed, set_seed
-from megatron_lpa.training import checkpointing
 
 SEQ, MICRO_BATCH, VOCAB = 16, 2, 128
 
@@ -191,7 +193,7 @@ def arm_crash(kind: str) -> None:
         real_replace = os.replace
 
         def die_at_pointer(src, dst, *args, **kwargs):
-            if Path(dst).name == checkpointing.TRACKER_FILENAME:
+            if Path(dst).name == files.TRACKER_FILENAME:
                 die()
             return real_replace(src, dst, *args, **kwargs)
 
@@ -229,7 +231,7 @@ def main():
     report = {"losses": {}}
     start = 0
     if args.load:
-        state = checkpointing.load_checkpoint(
+        state = checkpoint.load_checkpoint(
             args.load, model, optimizer, scheduler, load_optim=not args.no_load_optim
         )
         start = state["iteration"]
@@ -245,7 +247,7 @@ def main():
             if args.crash and iteration == args.crash_at:
                 arm_crash(args.crash)
             train_state = {"iteration": iteration, "consumed_train_samples": iteration * 2}
-            checkpointing.save_checkpoint(
+            checkpoint.save_checkpoint(
                 args.save,
                 iteration,
                 model,

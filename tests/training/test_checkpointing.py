@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron_lpa.training import checkpointing
-from megatron_lpa.training.checkpointing import CheckpointError, latest_iteration, load_checkpoint
+from megatron_lpa.checkpointing.checkpoint import load_checkpoint
+from megatron_lpa.checkpointing.files import TRACKER_FILENAME, CheckpointError, latest_iteration
 from tests.launch import TESTS, torchrun
 
 WORKER = "training/checkpoint_worker.py"
@@ -52,7 +52,7 @@ def losses(report: dict) -> dict:
 
 
 def pointer(save_dir: Path) -> str:
-    return (save_dir / checkpointing.TRACKER_FILENAME).read_text().strip()
+    return (save_dir / TRACKER_FILENAME).read_text().strip()
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_sigkill_after_a_save_resumes_exactly(runs, tmp_path):
     proc = start_worker(log, *opts(iters=6, save=save_dir, save_interval=2), *pause)
     deadline = time.monotonic() + 120
     try:
-        while not (save_dir / checkpointing.TRACKER_FILENAME).exists() or pointer(save_dir) != "4":
+        while not (save_dir / TRACKER_FILENAME).exists() or pointer(save_dir) != "4":
             assert proc.poll() is None, f"worker exited early:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "iteration 4 was never checkpointed"
             time.sleep(0.05)
@@ -206,13 +206,13 @@ def test_errors_name_the_path_and_the_fix(runs, tmp_path):
     saved = tmp_path / "checkpoints"
     shutil.copytree(runs("dp2_distributed").save_dir, saved)
     (saved / "iter_0000009").mkdir()  # e.g. a checkpoint whose files were lost
-    (saved / checkpointing.TRACKER_FILENAME).write_text("7\n")
+    (saved / TRACKER_FILENAME).write_text("7\n")
     with pytest.raises(CheckpointError, match=r"names iteration 7.*iter_0000007.*\[3, 9\]"):
         latest_iteration(saved)
-    (saved / checkpointing.TRACKER_FILENAME).write_text("latest\n")
+    (saved / TRACKER_FILENAME).write_text("latest\n")
     with pytest.raises(CheckpointError, match="'latest', not an iteration number"):
         latest_iteration(saved)
-    (saved / checkpointing.TRACKER_FILENAME).write_text("9\n")
+    (saved / TRACKER_FILENAME).write_text("9\n")
     with pytest.raises(
         CheckpointError,
         match=r"iter_0000009 is not a readable checkpoint.*other saved iterations \[3\]",
@@ -233,6 +233,6 @@ def test_errors_name_the_path_and_the_fix(runs, tmp_path):
 
     # A distributed-optimizer checkpoint into a non-distributed optimizer (any object that is not
     # a DistributedOptimizer; the check comes before anything is loaded).
-    (saved / checkpointing.TRACKER_FILENAME).write_text("3\n")
+    (saved / TRACKER_FILENAME).write_text("3\n")
     with pytest.raises(CheckpointError, match="'distributed:fully_reshardable'.*--no-load-optim"):
         load_checkpoint(str(saved), [], SimpleNamespace(), None)

@@ -3,11 +3,10 @@ training steps as megatron-core's unfused eager path (bf16, so within bf16 round
 
 import pytest
 import torch
-
 from megatron.core.full_cuda_graph import FullCudaGraphWrapper
 
-from megatron_lpa.training.arguments import parse_args
-from megatron_lpa.training.presets import model_flags
+from megatron_lpa.config.command_line import parse_args
+from megatron_lpa.config.presets import model_flags
 from megatron_lpa.training.trainer import Trainer
 
 pytestmark = pytest.mark.gpu
@@ -16,20 +15,50 @@ STEPS = 8
 # name: (preset variant, flags). paper_block: the paper's GPT-style block (a norm inside each
 # output slot, no final norm), an output-layer bias and PyTorch-default init, through the same
 # fused kernels and graph.
-VARIANTS = {"dense": ("dense", ()), "lpa": ("lpa", ()),
-            "paper_block": ("lpa", ("--sublayer-norm", "output", "--output-layer-bias",
-                                    "--init-style", "pytorch"))}
+VARIANTS = {
+    "dense": ("dense", ()),
+    "lpa": ("lpa", ()),
+    "paper_block": (
+        "lpa",
+        ("--sublayer-norm", "output", "--output-layer-bias", "--init-style", "pytorch"),
+    ),
+}
 
 
 def train(name: str, *flags: str) -> tuple:
     variant, variant_flags = VARIANTS[name]
-    cfg = parse_args(model_flags("tiny", variant) + [*variant_flags,
-        "--mock-data", "--vocab-size", "128", "--micro-batch-size", "8", "--global-batch-size",
-        "16", "--lr", "3e-3", "--train-iters", "100", "--eval-iters", "5", "--eval-interval", "4",
-        "--bf16", "--hidden-dropout", "0", "--attention-dropout", "0", "--num-workers", "0", *flags])
+    cfg = parse_args(
+        model_flags("tiny", variant)
+        + [
+            *variant_flags,
+            "--mock-data",
+            "--vocab-size",
+            "128",
+            "--micro-batch-size",
+            "8",
+            "--global-batch-size",
+            "16",
+            "--lr",
+            "3e-3",
+            "--train-iters",
+            "100",
+            "--eval-iters",
+            "5",
+            "--eval-interval",
+            "4",
+            "--bf16",
+            "--hidden-dropout",
+            "0",
+            "--attention-dropout",
+            "0",
+            "--num-workers",
+            "0",
+            *flags,
+        ]
+    )
     trainer = Trainer(cfg)
     # Fused: weight gradients go straight into megatron's fp32 buffers (its accumulation fusion).
-    assert trainer.config.gradient_accumulation_fusion is not cfg.no_fused_kernels
+    assert trainer.config.gradient_accumulation_fusion is not cfg.compute.no_fused_kernels
     losses, grad_norms = [], []
     for _ in range(STEPS):
         loss_sum, tokens, grad_norm, skipped = trainer.train_step().tolist()
@@ -39,8 +68,9 @@ def train(name: str, *flags: str) -> tuple:
     # Ten validation calls: three eager, the capture, then back-to-back replays.
     losses.append(trainer.evaluate(trainer.valid_iterator, "validation"))
     losses.append(trainer.evaluate(trainer.valid_iterator, "validation"))
-    captured = all(FullCudaGraphWrapper.cuda_graph[stage] is not None
-                   for stage in ("training", "validation"))
+    captured = all(
+        FullCudaGraphWrapper.cuda_graph[stage] is not None for stage in ("training", "validation")
+    )
     trainer.close(keep_process_group=True)
     return losses, grad_norms, captured
 
@@ -65,10 +95,28 @@ def test_fused_kernels_and_cuda_graph_follow_the_unfused_eager_losses(variant):
 @pytest.mark.parametrize("flags", [(), ("--cuda-graph",)], ids=["eager", "graph"])
 def test_a_training_step_is_queued_without_waiting_for_the_device(flags):
     """No host sync in a step: the host can queue the next step while the device runs this one."""
-    cfg = parse_args(model_flags("tiny", "lpa") + [
-        "--mock-data", "--vocab-size", "128", "--micro-batch-size", "8", "--global-batch-size",
-        "16", "--lr", "3e-3", "--train-iters", "100", "--eval-iters", "0", "--bf16",
-        "--num-workers", "0", *flags])
+    cfg = parse_args(
+        model_flags("tiny", "lpa")
+        + [
+            "--mock-data",
+            "--vocab-size",
+            "128",
+            "--micro-batch-size",
+            "8",
+            "--global-batch-size",
+            "16",
+            "--lr",
+            "3e-3",
+            "--train-iters",
+            "100",
+            "--eval-iters",
+            "0",
+            "--bf16",
+            "--num-workers",
+            "0",
+            *flags,
+        ]
+    )
     trainer = Trainer(cfg)
     for _ in range(5):  # past the graph's warm-up and capture, which do synchronise
         trainer.train_step()

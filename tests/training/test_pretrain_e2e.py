@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from megatron_lpa.training.arguments import parse_args
+from megatron_lpa.config.command_line import parse_args
 from tests.data.conftest import REPO, load_tool, make_documents, write_jsonl
 from tests.launch import torchrun
 
@@ -23,8 +23,8 @@ TINY_LPA_RUN = (
         "--swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear "
         "--untie-embeddings-and-output-weights --ffn-hidden-size 64 --lpa-attn-rank 8 "
         "--micro-batch-size 2 --global-batch-size 8 --train-iters 12 --lr 1e-2 --lr-warmup-iters 2 "
-        "--hidden-dropout 0 --attention-dropout 0 --log-interval 3 --eval-interval 6 --eval-iters 2 "
-        "--num-workers 0"
+        "--hidden-dropout 0 --attention-dropout 0 --log-interval 3 --eval-interval 6 "
+        "--eval-iters 2 --num-workers 0"
     ).split()
 )
 TRAIN_LINE = re.compile(r"^iteration\s+(\d+)/\s*\d+ \| loss (\S+) ", re.MULTILINE)
@@ -90,24 +90,47 @@ def test_two_process_run_trains_and_evaluates(dataset, layout):
 
 # The paper's GPT-style block (setting 1's flags), small: output norms, an output-layer bias,
 # PyTorch-default init, dropout only on the normalised sublayer outputs.
-PAPER_BLOCK_RUN = SHAPE + (
-    "--normalization LayerNorm --activation relu --position-embedding-type learned_absolute "
-    "--sublayer-norm output --output-layer-bias --init-style pytorch --embedding-dropout 0 "
-    "--hidden-dropout 0.1 --attention-dropout 0 --untie-embeddings-and-output-weights "
-    "--ffn-hidden-size 64 --lpa-attn-rank 8 --micro-batch-size 2 --global-batch-size 8 "
-    "--lr 1e-3 --lr-warmup-iters 2 --log-interval 3 --eval-interval 6 --eval-iters 1 "
-    "--num-workers 0"
-).split()
+PAPER_BLOCK_RUN = (
+    SHAPE
+    + (
+        "--normalization LayerNorm --activation relu --position-embedding-type learned_absolute "
+        "--sublayer-norm output --output-layer-bias --init-style pytorch --embedding-dropout 0 "
+        "--hidden-dropout 0.1 --attention-dropout 0 --untie-embeddings-and-output-weights "
+        "--ffn-hidden-size 64 --lpa-attn-rank 8 --micro-batch-size 2 --global-batch-size 8 "
+        "--lr 1e-3 --lr-warmup-iters 2 --log-interval 3 --eval-interval 6 --eval-iters 1 "
+        "--num-workers 0"
+    ).split()
+)
 
 
 def test_paper_block_trains_saves_and_resumes_at_another_layout(dataset, tmp_path):
     """Trained at TP=2 with SP, resumed (weights and optimizer resharded) at PP=2."""
     save = ["--save", str(tmp_path / "ckpt"), "--save-interval", "6"]
-    first = torchrun(PRETRAIN, 2, *PAPER_BLOCK_RUN, *data_flags(dataset), "--train-iters", "6",
-                     *save, "--tensor-model-parallel-size", "2", "--sequence-parallel")
-    resumed = torchrun(PRETRAIN, 2, *PAPER_BLOCK_RUN, *data_flags(dataset), "--train-iters", "12",
-                       *save, "--load", str(tmp_path / "ckpt"),
-                       "--pipeline-model-parallel-size", "2")
+    first = torchrun(
+        PRETRAIN,
+        2,
+        *PAPER_BLOCK_RUN,
+        *data_flags(dataset),
+        "--train-iters",
+        "6",
+        *save,
+        "--tensor-model-parallel-size",
+        "2",
+        "--sequence-parallel",
+    )
+    resumed = torchrun(
+        PRETRAIN,
+        2,
+        *PAPER_BLOCK_RUN,
+        *data_flags(dataset),
+        "--train-iters",
+        "12",
+        *save,
+        "--load",
+        str(tmp_path / "ckpt"),
+        "--pipeline-model-parallel-size",
+        "2",
+    )
     assert "Resumed from" in resumed and "at iteration 6" in resumed, resumed[-3000:]
     before = [float(loss) for step, loss in TRAIN_LINE.findall(first)]
     after = [(int(step), float(loss)) for step, loss in TRAIN_LINE.findall(resumed)]
@@ -142,8 +165,8 @@ BAD_CONFIGS = {
     "rank_wider_than_layer": (
         1,
         "--lpa-attn-rank 33",
-        "--lpa-attn-rank 33 exceeds the narrowest projection it replaces (32 wide); "
-        "use a rank <= 32",
+        "LPA rank 33 of the attention (--lpa-attn-rank) query projection (32 -> 32) exceeds its "
+        "width 32",
     ),
     "variance_factors_with_pytorch_init": (
         1,
@@ -163,7 +186,7 @@ def test_valid_config_parses(monkeypatch):
     """The base of the bad configurations: each of them fails for its one change alone."""
     monkeypatch.setenv("WORLD_SIZE", "4")
     cfg = parse_args(VALID + ["--micro-batch-size", "2", "--global-batch-size", "16"])
-    assert (cfg.data_parallel_size, cfg.num_microbatches) == (4, 2)
+    assert (cfg.parallel.data_parallel_size, cfg.schedule.num_microbatches) == (4, 2)
 
 
 @pytest.mark.parametrize("case", BAD_CONFIGS)
@@ -227,20 +250,27 @@ def test_yaml_config_sets_options_and_flags_override_it(tmp_path, monkeypatch):
     config = tmp_path / "run.yaml"
     config.write_text(YAML_RUN)
     cfg = parse_args(["--config", str(config)])
-    assert (cfg.num_layers, cfg.hidden_size, cfg.lr, cfg.train_iters) == (2, 32, 1e-3, 5)
-    assert cfg.swiglu and cfg.lpa_attn_rank == 8 and not cfg.mock_data
-    assert cfg.data_path == ["corpus_text_document"]  # one prefix, not its characters
+    assert (
+        cfg.model.num_layers,
+        cfg.model.hidden_size,
+        cfg.schedule.lr,
+        cfg.schedule.train_iters,
+    ) == (2, 32, 1e-3, 5)
+    assert cfg.model.swiglu and cfg.model.lpa_attn_rank == 8 and not cfg.data.mock_data
+    assert cfg.data.data_path == ["corpus_text_document"]  # one prefix, not its characters
     overrides = "--hidden-size 64 --lpa-attn-rank 16 --data-path 0.3 a 0.7 b".split()
     cfg = parse_args(["--config", str(config), *overrides])
-    assert (cfg.hidden_size, cfg.lpa_attn_rank, cfg.num_layers) == (64, 16, 2)
-    assert cfg.data_path == ["0.3", "a", "0.7", "b"]
+    assert (cfg.model.hidden_size, cfg.model.lpa_attn_rank, cfg.model.num_layers) == (64, 16, 2)
+    assert cfg.data.data_path == ["0.3", "a", "0.7", "b"]
 
 
 @pytest.mark.parametrize(
     "line,message",
     [
-        ("hiden-size: 32",
-         ", line {line}: unknown setting 'hiden-size'; did you mean 'hidden-size'?"),
+        (
+            "hiden-size: 32",
+            ", line {line}: unknown setting 'hiden-size'; did you mean 'hidden-size'?",
+        ),
         ("normalization: BatchNorm", ": argument --normalization: invalid choice: 'BatchNorm'"),
         ("num-layers: two", ": argument --num-layers: invalid int value: 'two'"),
         ("swiglu: 'no'", ": swiglu must be true or false, got 'no'"),

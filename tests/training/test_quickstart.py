@@ -23,8 +23,9 @@ def quickstart(tmp_path_factory):
     """The quickstart's output directory and its console output."""
     output_dir = tmp_path_factory.mktemp("runs") / "quickstart"
     command = [sys.executable, str(REPO / "tools/quickstart.py"), "--tiny", "--output-dir"]
-    done = subprocess.run(command + [str(output_dir)], env=_ENV,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        command + [str(output_dir)], env=_ENV, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return output_dir, done
 
@@ -52,8 +53,9 @@ def test_tiny_quickstart_compares_dense_and_lpa(quickstart):
         held_out = result["held_out"]
         assert held_out["tokens"] == summary["held_out"]["tokens"] - 1
         assert math.isfinite(held_out["perplexity"])
-        assert (output_dir / variant / "checkpoint" / "latest_checkpointed_iteration.txt"
-                ).read_text().strip() == "20"
+        assert (
+            output_dir / variant / "checkpoint" / "latest_checkpointed_iteration.txt"
+        ).read_text().strip() == "20"
     # --tiny: 2 layers of width 64; LPA's rank defaults to 64 / 4. Each of Q, K, V and O goes
     # from 64 x 64 weights to 16 x (64 + 64) factors, and nothing else changes.
     assert lpa["lpa_attn_rank"] == 16
@@ -70,15 +72,25 @@ def test_the_readme_commands_take_the_checkpoint_out(quickstart):
     output_dir, done = quickstart
     commands = [line.strip() for line in done.stdout.splitlines() if line.startswith("  python ")]
     assert [shlex.split(c)[1] for c in commands] == [
-        "tools/evaluate.py", "tools/generate.py", "tools/export_hf.py", "tools/export_hf.py",
-        "tools/import_hf.py"]
+        "tools/evaluate.py",
+        "tools/generate.py",
+        "tools/export_hf.py",
+        "tools/export_hf.py",
+        "tools/import_hf.py",
+    ]
     readme = (REPO / "README.md").read_text()
     for command in commands:
         assert command.replace(str(output_dir), "runs/quickstart") in readme, command
     outputs = []
     for command in commands:
-        ran = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=REPO,
-                             env=_ENV, capture_output=True, text=True, timeout=300)
+        ran = subprocess.run(
+            [sys.executable, *shlex.split(command)[1:]],
+            cwd=REPO,
+            env=_ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert ran.returncode == 0, f"{command}:\n{ran.stdout[-2000:]}\n{ran.stderr[-3000:]}"
         outputs.append(ran.stdout)
     evaluated, sampled, _, _, imported = outputs
@@ -93,8 +105,9 @@ def test_the_readme_commands_take_the_checkpoint_out(quickstart):
     hf = output_dir / "hf"
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf / "lpa_merged")
     merged = transformers.LlamaForCausalLM.from_pretrained(hf / "lpa_merged")
-    factored = transformers.AutoModelForCausalLM.from_pretrained(hf / "lpa_factored",
-                                                                 trust_remote_code=True)
+    factored = transformers.AutoModelForCausalLM.from_pretrained(
+        hf / "lpa_factored", trust_remote_code=True
+    )
     ids = torch.tensor([tokenizer("Return the value of the")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, factored(ids).logits, atol=1e-4, rtol=0)

@@ -14,21 +14,60 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-        "--seq-length", "32", "--swiglu", "--normalization", "RMSNorm",
-        "--position-embedding-type", "rope", "--disable-bias-linear", "--lpa-attn-rank", "16",
-        "--mock-data", "--vocab-size", "128", "--micro-batch-size", "4",
-        "--global-batch-size", "8", "--lr", "1e-3", "--lr-warmup-iters", "2",
-        "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--log-interval", "1",
-        "--eval-iters", "0", "--num-workers", "0", "--seed", "5"]
+TINY = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--swiglu",
+    "--normalization",
+    "RMSNorm",
+    "--position-embedding-type",
+    "rope",
+    "--disable-bias-linear",
+    "--lpa-attn-rank",
+    "16",
+    "--mock-data",
+    "--vocab-size",
+    "128",
+    "--micro-batch-size",
+    "4",
+    "--global-batch-size",
+    "8",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-iters",
+    "2",
+    "--hidden-dropout",
+    "0.1",
+    "--attention-dropout",
+    "0.1",
+    "--log-interval",
+    "1",
+    "--eval-iters",
+    "0",
+    "--num-workers",
+    "0",
+    "--seed",
+    "5",
+]
 
 
 def start(tmp: Path, name: str, *flags: str) -> tuple:
     log = tmp / f"{name}.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, str(REPO / "pretrain_gpt.py"), *TINY, *flags,
-                             "--log-jsonl", str(log)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "pretrain_gpt.py"), *TINY, *flags, "--log-jsonl", str(log)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     return proc, log
 
 
@@ -83,8 +122,17 @@ def test_log_lines_average_every_step_once(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     save = tmp_path / "ckpt"
-    run, log = start(tmp_path, "run", "--train-iters", "100000", "--save", str(save),
-                     "--save-interval", "2", "--exit-signal-handler")
+    run, log = start(
+        tmp_path,
+        "run",
+        "--train-iters",
+        "100000",
+        "--save",
+        str(save),
+        "--save-interval",
+        "2",
+        "--exit-signal-handler",
+    )
     wait_for(lambda: log.is_file() and len(losses(log)) >= 3, run)
     # To the whole process group, as torchrun and Slurm deliver it: the checkpoint writer's helper
     # process, started by the save at iteration 2, gets it too and must survive it.
@@ -99,8 +147,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     # An absurd learning rate: the first update makes the weights overflow.
-    run, log = start(tmp_path, "diverging", "--train-iters", "50", "--lr", "1e30",
-                     "--clip-grad", "0", "--max-nonfinite-steps", "3")
+    run, log = start(
+        tmp_path,
+        "diverging",
+        "--train-iters",
+        "50",
+        "--lr",
+        "1e30",
+        "--clip-grad",
+        "0",
+        "--max-nonfinite-steps",
+        "3",
+    )
     output, _ = run.communicate(timeout=120)
     assert run.returncode != 0
     assert output.count("non-finite loss or gradient, step skipped") == 3

@@ -8,19 +8,28 @@ import sys
 
 from tests.data.conftest import REPO
 
-TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 8 --lr 1e-3 "
-        "--mock-data --vocab-size 16 --eval-iters 0").split()
+TINY = (
+    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 8 --lr 1e-3 "
+    "--mock-data --vocab-size 16 --eval-iters 0"
+).split()
 
 
 def run(*args, nproc: int = 0) -> subprocess.CompletedProcess:
     """``pretrain_gpt.py`` with warnings shown (unlike tests/launch.py), under torchrun if
     ``nproc``."""
-    launcher = (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-                if nproc else [])
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        if nproc
+        else []
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    return subprocess.run([sys.executable, *launcher, str(REPO / "pretrain_gpt.py"), *args],
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(env, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, *launcher, str(REPO / "pretrain_gpt.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(env, OMP_NUM_THREADS="1"),
+    )
 
 
 def test_help_has_no_warnings_and_each_default_once():
@@ -46,7 +55,9 @@ def test_configuration_error_is_printed_once_and_exits_2():
     # Once from the ranks, and once more in torchrun's root-cause report, from the error file.
     lines = (done.stdout + done.stderr).splitlines()
     assert sum(line.startswith(message) for line in lines) == 1
-    assert any(line.strip() == f"traceback : {message}; change one of them or set --kv-channels."
-               for line in lines)
+    assert any(
+        line.strip() == f"traceback : {message}; change one of them or set --kv-channels."
+        for line in lines
+    )
     assert "exitcode  : 2" in done.stderr
     assert 'pretrain_gpt.py", line' not in done.stderr  # no rank's own traceback

@@ -1,6 +1,6 @@
 """Do parallel layouts follow the single-GPU loss curve? 130M dense and LPA, bf16, same data.
 
-    python tools/parallel_numerics.py --layouts tp1 tp2_sp tp4 tp4_sp pp2 pp4 dp2 tp2_dp2 \
+    python benchmarks/parallel_numerics.py --layouts tp1 tp2_sp tp4 tp4_sp pp2 pp4 dp2 tp2_dp2 \
         --variants dense lpa --steps 100 --output-dir runs/numerics
 
 Each (variant, layout) is one ``torchrun pretrain_gpt.py`` run on the same random-token stream
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_lpa.training.presets import model_flags
+from megatron_lpa.config.presets import model_flags
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,12 +41,40 @@ def run(variant: str, layout: str, steps: int, out: Path) -> Path:
     gpus, flags = LAYOUTS[layout]
     log = out / f"{variant}_{layout}.jsonl"
     log.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(gpus), str(REPO / "pretrain_gpt.py"), *model_flags("130m", variant), *NO_DROPOUT,
-           *flags, "--mock-data", "--vocab-size", "32000", "--bf16",
-           "--micro-batch-size", "16", "--global-batch-size", "64", "--lr", "1e-3",
-           "--lr-warmup-iters", "10", "--train-iters", str(steps), "--eval-iters", "0",
-           "--log-interval", "1", "--seed", "1", "--log-jsonl", str(log)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(gpus),
+        str(REPO / "pretrain_gpt.py"),
+        *model_flags("130m", variant),
+        *NO_DROPOUT,
+        *flags,
+        "--mock-data",
+        "--vocab-size",
+        "32000",
+        "--bf16",
+        "--micro-batch-size",
+        "16",
+        "--global-batch-size",
+        "64",
+        "--lr",
+        "1e-3",
+        "--lr-warmup-iters",
+        "10",
+        "--train-iters",
+        str(steps),
+        "--eval-iters",
+        "0",
+        "--log-interval",
+        "1",
+        "--seed",
+        "1",
+        "--log-jsonl",
+        str(log),
+    ]
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="4"))
     return log
 
@@ -72,9 +100,12 @@ def main():
         for layout in layouts[1:]:
             curve = losses(run(variant, layout, args.steps, out))
             diffs = [abs(a - b) for a, b in zip(curve, reference)]
-            rows.append((variant, layout, max(diffs), statistics.mean(diffs), curve[-1],
-                         reference[-1]))
-    print("| variant | layout | max abs loss diff vs tp1 | mean abs diff | final loss | tp1 final |")
+            rows.append(
+                (variant, layout, max(diffs), statistics.mean(diffs), curve[-1], reference[-1])
+            )
+    print(
+        "| variant | layout | max abs loss diff vs tp1 | mean abs diff | final loss | tp1 final |"
+    )
     print("|---|---|---|---|---|---|")
     for variant, layout, worst, mean, final, ref in rows:
         print(f"| {variant} | {layout} | {worst:.4f} | {mean:.4f} | {final:.4f} | {ref:.4f} |")

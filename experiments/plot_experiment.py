@@ -1,6 +1,6 @@
-"""Curves and tables from a folder of ``tools/wiki_experiment.py`` runs.
+"""Curves and tables from a folder of ``experiments/wiki_experiment.py`` runs.
 
-    python tools/plot_experiment.py docs/results/2026-12-06
+    python experiments/plot_experiment.py docs/results/2026-12-06
 
 Runs are grouped by their tag (``<variant>_<tag>_seed<n>``). For each group it writes
 ``<tag>_ppl_vs_tokens.png`` and ``<tag>_ppl_vs_time.png`` (validation perplexity of every run),
@@ -30,15 +30,22 @@ def load_groups(folder: Path) -> dict:
     groups = defaultdict(lambda: defaultdict(dict))
     for log in sorted(folder.glob("*_seed*.jsonl")):
         name, seed = log.stem.rsplit("_seed", 1)
-        variant = next((v for v in sorted(ORDER, key=len, reverse=True)
-                        if name == v or name.startswith(v + "_")), None)
+        variant = next(
+            (
+                v
+                for v in sorted(ORDER, key=len, reverse=True)
+                if name == v or name.startswith(v + "_")
+            ),
+            None,
+        )
         evaluation, settings = (folder / f"{log.stem}_{kind}.json" for kind in ("eval", "run"))
         if variant is None or not evaluation.exists():
             continue
-        groups[name[len(variant) + 1:]][variant][int(seed)] = {
+        groups[name[len(variant) + 1 :]][variant][int(seed)] = {
             "records": [json.loads(line) for line in log.read_text().splitlines()],
             "eval": next(iter(json.loads(evaluation.read_text())["datasets"].values())),
-            "run": json.loads(settings.read_text())}
+            "run": json.loads(settings.read_text()),
+        }
     return groups
 
 
@@ -52,9 +59,13 @@ def plot_curves(variants: dict, x_key: str, path: Path) -> None:
         for seed, run in sorted(seeds.items()):
             points = split(run, "validation")
             scale = run["run"]["tokens_per_step"] / 1e6 if x_key == "iteration" else 1
-            ax.plot([p[x_key] * scale for p in points], [p["ppl"] for p in points],
-                    label=f"{variant} seed {seed}", color=f"C{color}",
-                    linestyle="-" if seed == min(seeds) else "--")
+            ax.plot(
+                [p[x_key] * scale for p in points],
+                [p["ppl"] for p in points],
+                label=f"{variant} seed {seed}",
+                color=f"C{color}",
+                linestyle="-" if seed == min(seeds) else "--",
+            )
     ax.set_xlabel("training tokens (M)" if x_key == "iteration" else "wall-clock seconds")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -93,11 +104,14 @@ def time_to_reach(run: dict, target_ppl: float):
 
 
 def table(variants: dict) -> list:
-    dense_final = statistics.mean(split(run, "validation")[-1]["ppl"]
-                                  for run in variants["dense"].values())
-    lines = ["| variant | final ppl (mean) | per seed | bits/byte (mean) | per seed | tokens/s "
-             "(median) | peak GiB | train time s | time to dense's final ppl |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    dense_final = statistics.mean(
+        split(run, "validation")[-1]["ppl"] for run in variants["dense"].values()
+    )
+    lines = [
+        "| variant | final ppl (mean) | per seed | bits/byte (mean) | per seed | tokens/s "
+        "(median) | peak GiB | train time s | time to dense's final ppl |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for variant, seeds in variants.items():
         ppl = {s: run["eval"]["perplexity"] for s, run in sorted(seeds.items())}
         bpb = {s: run["eval"]["bits_per_byte"] for s, run in sorted(seeds.items())}
@@ -112,7 +126,8 @@ def table(variants: dict) -> list:
             + f" | {statistics.mean(bpb.values()):.4f} | "
             + ", ".join(f"{b:.4f}" for b in bpb.values())
             + f" | {statistics.median(speeds):,.0f} | {max(r['memory-gib'] for r in train):.1f} "
-            f"| {elapsed:.0f} | {reach} |")
+            f"| {elapsed:.0f} | {reach} |"
+        )
     return lines
 
 

@@ -4,8 +4,8 @@
 # dense and LPA, fused vs CUDA graph, median of 3 runs), a profile by kernel family and GEMM shape,
 # and the step split into forward-backward and optimizer. Logs and JSON land in OUT_DIR.
 #
-#   bash tools/gpu_fastpath_check.sh OUT_DIR [quick]     # quick: 130M only
-#   MODES_130M=baseline,fused,fast bash tools/gpu_fastpath_check.sh OUT_DIR   # with megatron's path
+#   bash benchmarks/gpu_fastpath_check.sh OUT_DIR [quick]     # quick: 130M only
+#   MODES_130M=baseline,fused,fast bash benchmarks/gpu_fastpath_check.sh OUT_DIR   # with megatron's path
 set -uo pipefail
 out=${1:?usage: gpu_fastpath_check.sh OUT_DIR [quick]}
 mkdir -p "$out"
@@ -20,19 +20,19 @@ if ! MAX_JOBS=$(nproc) python3 setup.py build_ext --inplace > "$out/build.log" 2
 fi
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$log"
 TAIL=6 run python3 -m pytest -q -m gpu tests/ops tests/training tests/layers
-TAIL=10 run python3 tools/bench_kernels.py --output "$out/bench_kernels.json"
-TAIL=7 run python3 tools/bench_train.py --shape 130m --variants dense,lpa \
+TAIL=10 run python3 benchmarks/bench_kernels.py --output "$out/bench_kernels.json"
+TAIL=7 run python3 benchmarks/bench_train.py --shape 130m --variants dense,lpa \
     --modes "${MODES_130M:-fused,fast}" --steps 30 --warmup 8 --repeats 3 \
     --output "$out/bench_130m.json"
-TAIL=60 run python3 tools/bench_train.py --shape 130m --variants dense,lpa --modes fused \
+TAIL=60 run python3 benchmarks/bench_train.py --shape 130m --variants dense,lpa --modes fused \
     --steps 3 --warmup 5 --profile 3 --output "$out/profile_130m.json"
-TAIL=2 run python3 tools/step_phases.py --shape 130m
+TAIL=2 run python3 benchmarks/step_phases.py --shape 130m
 if [ "${2:-}" != quick ]; then
-    TAIL=7 run python3 tools/bench_train.py --shape 3b --variants dense,lpa \
+    TAIL=7 run python3 benchmarks/bench_train.py --shape 3b --variants dense,lpa \
         --modes "${MODES_3B:-fused,fast}" --steps 8 --warmup 4 --repeats 3 \
         --output "$out/bench_3b.json"
-    TAIL=60 run python3 tools/bench_train.py --shape 3b --variants dense,lpa --modes fused \
+    TAIL=60 run python3 benchmarks/bench_train.py --shape 3b --variants dense,lpa --modes fused \
         --steps 1 --warmup 3 --profile 1 --output "$out/profile_3b.json"
-    TAIL=2 run python3 tools/step_phases.py --shape 3b
+    TAIL=2 run python3 benchmarks/step_phases.py --shape 3b
 fi
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$log"

@@ -1,11 +1,12 @@
-"""Named model shapes and the four variants as ``pretrain_gpt.py`` flags, read from the example configs.
+"""Named model shapes and the four variants as ``pretrain_gpt.py`` flags, read from the example
+configs.
 
 A shape is a family of files in ``examples/configs``: ``130m`` is ``llama_130m_<variant>.yaml``,
 ``3b`` is ``llama_3b_<variant>.yaml`` and ``tiny`` is ``tiny_cpu.yaml`` (its LPA model; the dense
 variant is the same with rank 0). Their model sections are the only statement of each shape and
-rank, so the tools that compare variants at a fixed shape (``tools/bench_train.py``,
-``tools/parallel_numerics.py``, ``tools/wiki_experiment.py``) cannot drift from the configs. The
-runs themselves, with schedules and batches, are the YAML files.
+rank, so the scripts that compare variants at a fixed shape (``benchmarks/bench_train.py``,
+``benchmarks/parallel_numerics.py``, ``experiments/wiki_experiment.py``) cannot drift from the
+configs. The runs themselves, with schedules and batches, are the YAML files.
 """
 
 from functools import lru_cache
@@ -14,17 +15,19 @@ from typing import Optional
 
 import yaml
 
-from megatron_lpa.training.arguments import settings_as_flags
+from megatron_lpa.config.command_line import settings_as_flags
+from megatron_lpa.config.training_config import ModelSection, setting_names
 
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 FAMILIES = {"130m": "llama_130m", "3b": "llama_3b", "tiny": "tiny_cpu"}
 SHAPES = tuple(FAMILIES)
 VARIANTS = ("dense", "lpa", "lowrank_ffn", "lowrank_all")
-# The architecture settings of a config (not its dropout, init, schedule or data).
-MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-              "kv_channels", "ffn_hidden_size", "seq_length", "max_position_embeddings",
-              "normalization", "norm_epsilon", "swiglu", "activation", "position_embedding_type",
-              "disable_bias_linear", "untie_embeddings_and_output_weights")
+# The architecture settings of a config (not its dropout, init, ranks, schedule or data).
+MODEL_KEYS = tuple(
+    name
+    for name in setting_names(ModelSection, with_derived=False)
+    if name not in ModelSection.INIT_ONLY + ("lpa_attn_rank", "lpa_ffn_rank")
+)
 
 
 @lru_cache(maxsize=None)
@@ -32,8 +35,10 @@ def _settings(shape: str, variant: str) -> dict:
     family = FAMILIES[shape]
     path = CONFIGS / (f"{family}.yaml" if shape == "tiny" else f"{family}_{variant}.yaml")
     if not path.is_file():
-        raise SystemExit(f"shape {shape!r} has no {variant} config ({path}); variants with one: "
-                         f"{', '.join(variants(shape))}.")
+        raise SystemExit(
+            f"shape {shape!r} has no {variant} config ({path}); variants with one: "
+            f"{', '.join(variants(shape))}."
+        )
     return yaml.safe_load(path.read_text())
 
 

@@ -12,7 +12,8 @@ outside the wheel (megatron.training's tokenizer flags, and megatron-core's buil
 under the path newer Megatron-LM versions use).
 
 Example:
-    python tools/bench_preprocess.py --megatron-lm-script /tmp/Megatron-LM/tools/preprocess_data.py
+    python benchmarks/bench_preprocess.py --corpus wiki-en-2014/train_07.jsonl.zst \\
+        --megatron-lm-script /tmp/Megatron-LM/tools/preprocess_data.py
 """
 
 import argparse
@@ -28,7 +29,6 @@ from itertools import islice
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CORPUS = "/work/shared/data/wiki-en-2014/train_07.jsonl.zst"
 LAUNCHER_FLAG = "--run-megatron-lm"
 
 
@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         _run_megatron_lm(argv[1], argv[2:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", default=DEFAULT_CORPUS, help="JSON lines (.zst etc.)")
+    parser.add_argument(
+        "--corpus",
+        required=True,
+        help='JSON lines (.jsonl, .jsonl.zst etc.) with a "text" field, e.g. one '
+        "shard of a Pile-format corpus (experiments/README.md: where to get one)",
+    )
     parser.add_argument("--documents", type=int, default=20_000)
     parser.add_argument("--vocab-size", type=int, default=32_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
@@ -170,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                                            "--output-prefix", str(prefix)])  # fmt: skip
                 processing = processing_seconds(tool, output, args.documents)
                 results.setdefault((tool, workers), []).append((wall, cpu, processing))
-                print(f"{tool} workers={workers}: wall {wall:.2f} s, CPU {cpu:.2f} s, processing "
-                      f"{processing:.2f} s, load {os.getloadavg()[0]:.1f}", file=sys.stderr)  # fmt: skip
+                print(
+                    f"{tool} workers={workers}: wall {wall:.2f} s, CPU {cpu:.2f} s, processing "
+                    f"{processing:.2f} s, load {os.getloadavg()[0]:.1f}",
+                    file=sys.stderr,
+                )
         if args.megatron_lm_script:
             same = all(
                 filecmp.cmp(workdir / f"ours-w{workers}_text_document{suffix}",

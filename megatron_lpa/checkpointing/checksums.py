@@ -78,7 +78,10 @@ def find_damage(directory: Path) -> Optional[list]:
 def _entry(directory: Path, name: str):
     """A file's manifest entry, or why it could not be read."""
     try:
-        return {"bytes": os.path.getsize(directory / name), ALGORITHM: file_digest(directory / name)}
+        return {
+            "bytes": os.path.getsize(directory / name),
+            ALGORITHM: file_digest(directory / name),
+        }
     except OSError as error:
         return f"{directory / name}: {error}"
 
@@ -113,8 +116,11 @@ def _problem(directory: Path, name: str, expected: dict) -> Optional[str]:
 
 
 def _files(directory: Path) -> list:
-    return [str(path.relative_to(directory)) for path in directory.rglob("*")
-            if path.is_file() and path.name != MANIFEST]
+    return [
+        str(path.relative_to(directory))
+        for path in directory.rglob("*")
+        if path.is_file() and path.name != MANIFEST
+    ]
 
 
 def _in_threads(work: Callable, directory: Path, names: list) -> list:
@@ -131,7 +137,7 @@ def _rank() -> int:
 
 def _share(names: list) -> list:
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return names[_rank()::world]
+    return names[_rank() :: world]
 
 
 def _broadcast(value):

@@ -1,4 +1,5 @@
-"""The optimizer fast path: fused AdamW and megatron's multi-tensor hooks filled with foreach kernels,
+"""The optimizer fast path: fused AdamW and megatron's multi-tensor hooks filled with foreach
+kernels,
 computing what megatron-core's fallbacks compute, and switched back by enabled=False."""
 
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ import torch
 from megatron.core import utils as mcore_utils
 from megatron.core.optimizer import clip_grads
 
-from megatron_lpa.training.optimizer_kernels import use_fast_optimizer_kernels
+from megatron_lpa.training.optimizer import use_fused_kernels
 
 
 def _megatron_like(params):
@@ -19,11 +20,11 @@ def _megatron_like(params):
 @pytest.fixture(autouse=True)
 def restore_megatron_fallbacks():
     yield
-    use_fast_optimizer_kernels(_megatron_like([torch.nn.Parameter(torch.zeros(1))]), enabled=False)
+    use_fused_kernels(_megatron_like([torch.nn.Parameter(torch.zeros(1))]), enabled=False)
 
 
 def test_foreach_grad_norm_and_scale_match_megatrons_fallbacks():
-    use_fast_optimizer_kernels(_megatron_like([torch.nn.Parameter(torch.zeros(1))]))
+    use_fused_kernels(_megatron_like([torch.nn.Parameter(torch.zeros(1))]))
     grads = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 2)]
     norm, _ = clip_grads.l2_norm_impl(2048, None, [grads], False)
     expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
@@ -38,7 +39,7 @@ def test_foreach_grad_norm_and_scale_match_megatrons_fallbacks():
         clip_grads.multi_tensor_scale_impl(2048, None, [grads, copies], scale)
         for g, c in zip(grads, copies):
             torch.testing.assert_close(c, (g * scale).half())
-    use_fast_optimizer_kernels(_megatron_like([torch.nn.Parameter(torch.zeros(1))]), enabled=False)
+    use_fused_kernels(_megatron_like([torch.nn.Parameter(torch.zeros(1))]), enabled=False)
     assert clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm
 
 
@@ -49,7 +50,7 @@ def test_fused_adamw_takes_the_same_steps_as_the_default():
     for enabled in (False, True):
         param = torch.nn.Parameter(start.clone())
         optimizer = _megatron_like([param])
-        use_fast_optimizer_kernels(optimizer, enabled=enabled)
+        use_fused_kernels(optimizer, enabled=enabled)
         assert optimizer.optimizer.param_groups[0]["fused"] is (True if enabled else None)
         torch.manual_seed(1)
         for _ in range(5):
@@ -76,14 +77,37 @@ def trainer_process_groups():
 
 
 def _trainer(*flags):
-    from megatron_lpa.training.arguments import parse_args
-    from megatron_lpa.training.presets import model_flags
+    from megatron_lpa.config.command_line import parse_args
+    from megatron_lpa.config.presets import model_flags
     from megatron_lpa.training.trainer import Trainer
 
-    return Trainer(parse_args(model_flags("tiny", "lpa") + [
-        "--mock-data", "--vocab-size", "128", "--micro-batch-size", "4", "--global-batch-size",
-        "8", "--lr", "1e-2", "--train-iters", "10", "--eval-iters", "0", "--num-workers", "0",
-        "--hidden-dropout", "0", "--attention-dropout", "0", *flags]))
+    return Trainer(
+        parse_args(
+            model_flags("tiny", "lpa")
+            + [
+                "--mock-data",
+                "--vocab-size",
+                "128",
+                "--micro-batch-size",
+                "4",
+                "--global-batch-size",
+                "8",
+                "--lr",
+                "1e-2",
+                "--train-iters",
+                "10",
+                "--eval-iters",
+                "0",
+                "--num-workers",
+                "0",
+                "--hidden-dropout",
+                "0",
+                "--attention-dropout",
+                "0",
+                *flags,
+            ]
+        )
+    )
 
 
 def test_step_without_host_sync_takes_megatrons_clipped_steps(trainer_process_groups):
@@ -93,13 +117,16 @@ def test_step_without_host_sync_takes_megatrons_clipped_steps(trainer_process_gr
         trainer = _trainer("--clip-grad", "0.05", *flags)  # below every norm: clipping is active
         stats = [trainer.train_step().tolist() for _ in range(3)]
         # Adam's update hardly depends on the gradients' scale; its first moment does.
-        moments = [state["exp_avg"].clone()
-                   for state in trainer.optimizer.chained_optimizers[0].optimizer.state.values()]
+        moments = [
+            state["exp_avg"].clone()
+            for state in trainer.optimizer.chained_optimizers[0].optimizer.state.values()
+        ]
         trainer.close(keep_process_group=True)
         runs.append((stats, moments))
     (fused, fused_moments), (megatron, megatron_moments) = runs
     for (loss, tokens, norm, skipped), (loss_ref, tokens_ref, norm_ref, skipped_ref) in zip(
-            fused, megatron):
+        fused, megatron
+    ):
         assert norm > 0.05 and not skipped and not skipped_ref
         assert loss / tokens == pytest.approx(loss_ref / tokens_ref, rel=1e-5)
         assert norm == pytest.approx(norm_ref, rel=1e-5)
@@ -121,9 +148,13 @@ def test_non_finite_gradient_leaves_weights_and_adam_state_as_they_were(trainer_
 
     optimizer.prepare_grads = poisoned_prepare_grads
     inner = optimizer.chained_optimizers[0].optimizer
-    before = ([p.detach().clone() for p in trainer.model[0].parameters()],
-              {name: [state[name].clone() for state in inner.state.values()]
-               for name in ("exp_avg", "exp_avg_sq", "step")})
+    before = (
+        [p.detach().clone() for p in trainer.model[0].parameters()],
+        {
+            name: [state[name].clone() for state in inner.state.values()]
+            for name in ("exp_avg", "exp_avg_sq", "step")
+        },
+    )
     loss_sum, tokens, grad_norm, skipped = trainer.train_step().tolist()
     assert skipped == 1.0 and not torch.isfinite(torch.tensor(grad_norm))
     for param, old in zip(trainer.model[0].parameters(), before[0]):
