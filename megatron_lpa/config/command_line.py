@@ -17,7 +17,7 @@ from typing import Optional
 
 import yaml
 
-from megatron_lpa.config.training_config import SECTION_OF, TrainingConfig
+from megatron_lpa.config.training_config import TrainingConfig
 
 
 def _flag(name: str) -> str:
@@ -141,16 +141,7 @@ def parse_args(argv=None, world_size: Optional[int] = None) -> TrainingConfig:
     parser.exit_on_error = True
     namespace = vars(parser.parse_args(yaml_flags + argv))
     namespace.pop("config")
-    sections = {}
-    for name, value in namespace.items():
-        sections.setdefault(SECTION_OF[name], {})[name] = value
-    config = TrainingConfig(
-        **{name: field.type(**sections[name]) for name, field in _section_fields().items()}
-    )
+    config = TrainingConfig.from_dict(namespace)  # the flags are flat, one per setting
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return config.validate(world_size)
-
-
-def _section_fields() -> dict:
-    return {f.name: f for f in dataclasses.fields(TrainingConfig)}
