@@ -178,25 +178,6 @@ def test_wgrad_accumulation_adds_the_weight_gradient_into_main_grad_in_place():
     torch.testing.assert_close(main_grad.double(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_gradient_accumulation_fusion_hands_megatron_our_wgrad_gemm(monkeypatch):
-    from megatron.core.tensor_parallel import layers
-
-    from megatron_lpa.models.lpa_config import LPAConfig
-    from megatron_lpa.ops import wgrad_accumulation
-
-    monkeypatch.setattr(layers, "_grad_accum_fusion_available", False)
-    monkeypatch.delattr(layers, "fused_weight_gradient_mlp_cuda", raising=False)
-    LPAConfig(
-        num_layers=1,
-        hidden_size=64,
-        num_attention_heads=4,
-        use_cpu_initialization=True,
-        gradient_accumulation_fusion=True,
-    )
-    assert layers._grad_accum_fusion_available
-    assert layers.fused_weight_gradient_mlp_cuda is wgrad_accumulation
-
-
 def test_model_with_fused_ops_trains_like_megatrons_unfused_model(tmp_path):
     """Same loss and grad norm at every step: the ops are wired into the right slots and layouts
     (RoPE hook, SwiGLU activation slot, vocab-parallel loss), fused AdamW included."""
