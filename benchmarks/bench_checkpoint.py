@@ -13,10 +13,11 @@ import shutil
 import time
 from pathlib import Path
 
+from megatron_lpa.checkpointing import checkpoint
 from megatron_lpa.checkpointing.checksums import find_damage
+from megatron_lpa.checkpointing.files import checkpoint_dir
 from megatron_lpa.config.command_line import parse_args
 from megatron_lpa.config.presets import SHAPES, model_flags
-from megatron_lpa.training import checkpointing
 from megatron_lpa.training.trainer import Trainer
 
 
@@ -51,7 +52,7 @@ def main() -> None:
         )
     )
     hashing = []
-    timed_checksums = checkpointing.checksums
+    timed_checksums = checkpoint.checksums
 
     def checksums(directory):
         start = time.perf_counter()
@@ -59,11 +60,11 @@ def main() -> None:
         hashing.append(time.perf_counter() - start)
         return manifest
 
-    checkpointing.checksums = checksums
+    checkpoint.checksums = checksums  # the name save_checkpoint calls
     for iteration in (1, 2):
         trainer.train_step()
         start = time.perf_counter()
-        checkpointing.save_checkpoint(
+        checkpoint.save_checkpoint(
             str(args.output),
             iteration,
             trainer.model,
@@ -72,7 +73,7 @@ def main() -> None:
             dict(trainer.state),
         )
         save_seconds = time.perf_counter() - start
-    directory = checkpointing.checkpoint_dir(str(args.output), 2)
+    directory = checkpoint_dir(str(args.output), 2)
     size = sum(path.stat().st_size for path in directory.iterdir())
     checks = []
     for _ in range(3):
