@@ -2,12 +2,6 @@
 formulas it replaces, in float64; and the model with fused ops against megatron-core's unfused
 one."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,8 +13,7 @@ from megatron_lpa.ops.rms_norm import FusedRMSNorm
 from megatron_lpa.ops.rope import fused_apply_rotary_pos_emb
 from megatron_lpa.ops.swiglu import swiglu
 from megatron_lpa.ops.wgrad_accumulation import wgrad_gemm_accum_fp32
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.launch import pretrain_records
 
 
 def test_cross_entropy_matches_torch_loss_and_gradient():
@@ -108,62 +101,19 @@ def test_swiglu_matches_silu_gate_times_up():
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
-def _train_losses(tmp_path, name: str, *flags: str) -> list:
-    log = tmp_path / f"{name}.jsonl"
-    model = [
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "64",
-        "--num-attention-heads",
-        "4",
-        "--seq-length",
-        "32",
-        "--swiglu",
-        "--normalization",
-        "RMSNorm",
-        "--position-embedding-type",
-        "rope",
-        "--disable-bias-linear",
-        "--lpa-attn-rank",
-        "16",
-        "--untie-embeddings-and-output-weights",
-    ]
-    run = [
-        "--mock-data",
-        "--vocab-size",
-        "128",
-        "--micro-batch-size",
-        "4",
-        "--global-batch-size",
-        "8",
-        "--lr",
-        "3e-3",
-        "--train-iters",
-        "6",
-        "--log-interval",
-        "1",
-        "--eval-iters",
-        "0",
-        "--num-workers",
-        "0",
-        "--hidden-dropout",
-        "0",
-        "--attention-dropout",
-        "0",
-        "--log-jsonl",
-        str(log),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "pretrain_gpt.py"), *model, *run, *flags],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+def _train_losses(*flags: str) -> list:
+    """(loss, grad norm) of each of 6 steps of a tiny LPA model with SwiGLU, RMSNorm and RoPE."""
+    model = (
+        "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --swiglu "
+        "--normalization RMSNorm --position-embedding-type rope --disable-bias-linear "
+        "--lpa-attn-rank 16 --untie-embeddings-and-output-weights"
+    ).split()
+    run = (
+        "--mock-data --vocab-size 128 --micro-batch-size 4 --global-batch-size 8 --lr 3e-3 "
+        "--train-iters 6 --log-interval 1 --eval-iters 0 --num-workers 0 --hidden-dropout 0 "
+        "--attention-dropout 0"
+    ).split()
+    records = pretrain_records(1, *model, *run, *flags)
     return [(r["lm loss"], r["grad-norm"]) for r in records if r["split"] == "train"]
 
 
@@ -178,11 +128,11 @@ def test_wgrad_accumulation_adds_the_weight_gradient_into_main_grad_in_place():
     torch.testing.assert_close(main_grad.double(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_model_with_fused_ops_trains_like_megatrons_unfused_model(tmp_path):
+def test_model_with_fused_ops_trains_like_megatrons_unfused_model():
     """Same loss and grad norm at every step: the ops are wired into the right slots and layouts
     (RoPE hook, SwiGLU activation slot, vocab-parallel loss), fused AdamW included."""
-    fused = _train_losses(tmp_path, "fused")
-    unfused = _train_losses(tmp_path, "unfused", "--no-fused-kernels")
+    fused = _train_losses()
+    unfused = _train_losses("--no-fused-kernels")
     assert len(fused) == len(unfused) == 6
     for (loss, grad_norm), (loss_ref, grad_norm_ref) in zip(fused, unfused):
         assert loss == pytest.approx(loss_ref, rel=1e-5)

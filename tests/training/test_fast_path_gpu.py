@@ -29,32 +29,13 @@ def train(name: str, *flags: str) -> tuple:
     variant, variant_flags = VARIANTS[name]
     cfg = parse_args(
         model_flags("tiny", variant)
-        + [
-            *variant_flags,
-            "--mock-data",
-            "--vocab-size",
-            "128",
-            "--micro-batch-size",
-            "8",
-            "--global-batch-size",
-            "16",
-            "--lr",
-            "3e-3",
-            "--train-iters",
-            "100",
-            "--eval-iters",
-            "5",
-            "--eval-interval",
-            "4",
-            "--bf16",
-            "--hidden-dropout",
-            "0",
-            "--attention-dropout",
-            "0",
-            "--num-workers",
-            "0",
-            *flags,
-        ]
+        + list(variant_flags)
+        + (
+            "--mock-data --vocab-size 128 --micro-batch-size 8 --global-batch-size 16 --lr 3e-3 "
+            "--train-iters 100 --eval-iters 5 --eval-interval 4 --bf16 --hidden-dropout 0 "
+            "--attention-dropout 0 --num-workers 0"
+        ).split()
+        + list(flags)
     )
     trainer = Trainer(cfg)
     # Fused: weight gradients go straight into megatron's fp32 buffers (its accumulation fusion).
@@ -97,25 +78,11 @@ def test_a_training_step_is_queued_without_waiting_for_the_device(flags):
     """No host sync in a step: the host can queue the next step while the device runs this one."""
     cfg = parse_args(
         model_flags("tiny", "lpa")
-        + [
-            "--mock-data",
-            "--vocab-size",
-            "128",
-            "--micro-batch-size",
-            "8",
-            "--global-batch-size",
-            "16",
-            "--lr",
-            "3e-3",
-            "--train-iters",
-            "100",
-            "--eval-iters",
-            "0",
-            "--bf16",
-            "--num-workers",
-            "0",
-            *flags,
-        ]
+        + (
+            "--mock-data --vocab-size 128 --micro-batch-size 8 --global-batch-size 16 --lr 3e-3 "
+            "--train-iters 100 --eval-iters 0 --bf16 --num-workers 0"
+        ).split()
+        + list(flags)
     )
     trainer = Trainer(cfg)
     for _ in range(5):  # past the graph's warm-up and capture, which do synchronise

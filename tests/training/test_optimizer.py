@@ -84,28 +84,12 @@ def _trainer(*flags):
     return Trainer(
         parse_args(
             model_flags("tiny", "lpa")
-            + [
-                "--mock-data",
-                "--vocab-size",
-                "128",
-                "--micro-batch-size",
-                "4",
-                "--global-batch-size",
-                "8",
-                "--lr",
-                "1e-2",
-                "--train-iters",
-                "10",
-                "--eval-iters",
-                "0",
-                "--num-workers",
-                "0",
-                "--hidden-dropout",
-                "0",
-                "--attention-dropout",
-                "0",
-                *flags,
-            ]
+            + (
+                "--mock-data --vocab-size 128 --micro-batch-size 4 --global-batch-size 8 "
+                "--lr 1e-2 --train-iters 10 --eval-iters 0 --num-workers 0 --hidden-dropout 0 "
+                "--attention-dropout 0"
+            ).split()
+            + list(flags)
         )
     )
 

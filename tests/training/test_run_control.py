@@ -14,47 +14,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--swiglu",
-    "--normalization",
-    "RMSNorm",
-    "--position-embedding-type",
-    "rope",
-    "--disable-bias-linear",
-    "--lpa-attn-rank",
-    "16",
-    "--mock-data",
-    "--vocab-size",
-    "128",
-    "--micro-batch-size",
-    "4",
-    "--global-batch-size",
-    "8",
-    "--lr",
-    "1e-3",
-    "--lr-warmup-iters",
-    "2",
-    "--hidden-dropout",
-    "0.1",
-    "--attention-dropout",
-    "0.1",
-    "--log-interval",
-    "1",
-    "--eval-iters",
-    "0",
-    "--num-workers",
-    "0",
-    "--seed",
-    "5",
-]
+TINY = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --swiglu "
+    "--normalization RMSNorm --position-embedding-type rope --disable-bias-linear "
+    "--lpa-attn-rank 16 --mock-data --vocab-size 128 --micro-batch-size 4 --global-batch-size 8 "
+    "--lr 1e-3 --lr-warmup-iters 2 --hidden-dropout 0.1 --attention-dropout 0.1 --log-interval 1 "
+    "--eval-iters 0 --num-workers 0 --seed 5"
+).split()
 
 
 def start(tmp: Path, name: str, *flags: str) -> tuple:
